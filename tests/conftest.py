@@ -1,0 +1,32 @@
+"""Shared fixtures: project paths, the shared data folder, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from diffgrm_dist.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED_DATA = Path(os.environ.get("DIFFGRM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+AMAZON = SHARED_DATA / "amazon2014"
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Runs ``diffgrm ARGS`` in this process; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def needs_amazon(name: str):
+    return pytest.mark.skipif(not (AMAZON / name / "user_sequence.txt").is_file(),
+                              reason=f"{AMAZON / name} not present")
