@@ -288,6 +288,6 @@ def _apply_override(cfg: ExperimentConfig, key: str, value: str) -> None:
             hint = typing.get_type_hints(type(target))[part]
             if hint is str and parsed is not None and not isinstance(parsed, str):
                 parsed = value  # keep strings verbatim, e.g. name=007
-            setattr(target, part, _coerce(hint, parsed, key, "command line"))
+            setattr(target, part, _coerce(hint, parsed, key, "command-line override"))
         else:
             target = getattr(target, part)

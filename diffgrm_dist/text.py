@@ -56,7 +56,10 @@ def render_text(fields: pa.Table, template: list[str], separator: str,
         if not any(isinstance(p, pa.ChunkedArray) for p in pieces):
             pieces.append(pa.chunked_array([pa.array([""] * n, pa.string())]))
         segments.append(pc.binary_join_element_wise(*pieces, ""))
-    text = pc.binary_join_element_wise(*segments, separator, null_handling="skip")
+    if len(segments) == 1:  # pyarrow drops null rows when joining a single column
+        text = segments[0]
+    else:
+        text = pc.binary_join_element_wise(*segments, separator, null_handling="skip")
     text = pc.fill_null(text, "")
     if max_chars > 0:
         text = pc.utf8_slice_codeunits(text, 0, max_chars)

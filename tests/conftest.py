@@ -27,6 +27,9 @@ def run_cli(capsys):
     return run
 
 
-def needs_amazon(name: str):
-    return pytest.mark.skipif(not (AMAZON / name / "user_sequence.txt").is_file(),
-                              reason=f"{AMAZON / name} not present")
+def require_amazon(name: str) -> Path:
+    """The dataset's folder, or a skip when ../shared/data is not beside the project."""
+    folder = AMAZON / name
+    if not (folder / "user_sequence.txt").is_file():
+        pytest.skip(f"{folder} not present")
+    return folder

@@ -1,0 +1,27 @@
+"""prepare on the paper's three datasets (skipped when ../shared/data is absent)."""
+
+import json
+
+import pytest
+
+from conftest import CONFIGS, require_amazon
+
+EXPECTED = {  # users, items, interactions: the paper's table
+    "beauty": (22_363, 12_101, 198_502),
+    "sports": (35_598, 18_357, 296_337),
+    "toys": (19_412, 11_924, 167_597),
+}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_prepare_amazon2014(name, tmp_path, run_cli):
+    require_amazon(name)
+    code, out, err = run_cli("prepare", "-c", CONFIGS / f"{name}.yaml", "-o", tmp_path)
+    assert code == 0, err
+    stats = json.loads((tmp_path / "prepare" / "stats.json").read_text())
+    users, items, interactions = EXPECTED[name]
+    assert (stats["users"], stats["items"], stats["interactions"]) == EXPECTED[name]
+    assert stats["train_samples"] == interactions - 3 * users
+    assert stats["valid_users"] == stats["test_users"] == users
+    assert sum(stats["dropped"].values()) == 0
