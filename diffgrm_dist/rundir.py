@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from diffgrm_dist.errors import DiffGRMError
+
 MANIFEST = "manifest.json"
 _VERSIONED_PACKAGES = ("diffgrm-dist", "numpy", "pyarrow", "torch", "deepspeed", "ray",
                        "sentence-transformers", "faiss-cpu", "faiss-gpu", "webdataset")
@@ -74,7 +76,8 @@ class RunDir:
         """Hash of a finished stage's manifest, used as an input hash by later stages."""
         path = self.stage_path(stage) / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"{self.stage_path(stage)}: stage {stage!r} has not run yet")
+            raise DiffGRMError(f"{self.stage_path(stage)}: stage {stage!r} has not run yet "
+                               f"(run `diffgrm {stage}` or `diffgrm pipeline` first)")
         return file_sha256(path)[:16]
 
     def is_current(self, record: StageRecord) -> bool:

@@ -34,9 +34,15 @@ def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
     return prepared.stats
 
 
+def _run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+    from diffgrm_dist.tokenize import run_tokenize
+
+    return run_tokenize(cfg, run_dir, out)
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", ("data", "prepare"), (), _run_prepare),
-    Stage("tokenize", ("tokenize",), ("prepare",), None),
+    Stage("tokenize", ("tokenize",), ("prepare",), _run_tokenize),
     Stage("shard", ("shard",), ("prepare", "tokenize"), None),
     Stage("train", ("model", "train"), ("shard", "tokenize"), None),
     Stage("evaluate", ("eval",), ("train", "tokenize", "prepare"), None),

@@ -1,0 +1,221 @@
+"""Quantisers that turn item embeddings into n-digit codes, and collision handling.
+
+``opq`` (Parallel Semantic Encoding): optional whitened PCA, then an OPQ rotation and a
+product quantiser with n sub-spaces of K centroids each. The rotation balances the
+sub-spaces so digits are roughly independent, which a parallel (any-order) decoder can
+exploit. ``rq_kmeans``: residual k-means, digit k quantising what digits < k left over;
+the paper's ablation. Both are fitted with faiss (its GPU k-means assignment where a GPU
+and faiss-gpu are present) on the items seen in training, and saved as faiss/NumPy files
+so new items can be encoded later without refitting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from diffgrm_dist.config import TokenizeConfig
+from diffgrm_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+@dataclass
+class Quantizer:
+    """A fitted quantiser: ``encode`` maps (N, dim) float32 to (N, digits) int64 codes."""
+
+    kind: str
+    digits: int
+    codebook_size: int
+    dim: int
+    pca: Any = None  # faiss.PCAMatrix
+    opq: Any = None  # faiss.OPQMatrix
+    centroids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (digits, K, dsub)
+    keep_alive: list[Any] = field(default_factory=list)  # faiss objects referenced by pointer
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, train: np.ndarray, cfg: TokenizeConfig) -> Quantizer:
+        if cfg.codebook_size < 2 or cfg.codebook_size & (cfg.codebook_size - 1):
+            raise ConfigError(f"tokenize.codebook_size: {cfg.codebook_size} must be a power of 2")
+        if len(train) < cfg.codebook_size:
+            raise ConfigError(f"tokenize: {len(train)} training items are fewer than "
+                              f"codebook_size={cfg.codebook_size}")
+        train = np.ascontiguousarray(train, dtype=np.float32)
+        q = cls(kind=cfg.quantizer, digits=cfg.digits, codebook_size=cfg.codebook_size,
+                dim=train.shape[1])
+        if cfg.pca_dim:
+            if cfg.pca_dim > train.shape[1]:
+                raise ConfigError(f"tokenize.pca_dim: {cfg.pca_dim} exceeds the embedding "
+                                  f"dimension {train.shape[1]}")
+            q.pca = faiss.PCAMatrix(train.shape[1], cfg.pca_dim, -0.5)  # whitened
+            q.pca.train(train)
+        x = q._reduce(train)
+        if cfg.quantizer == "opq":
+            q._fit_opq(x, cfg)
+        elif cfg.quantizer == "rq_kmeans":
+            q._fit_rq(x, cfg)
+        else:
+            raise ConfigError(f"tokenize.quantizer: {cfg.quantizer!r} is not opq or rq_kmeans")
+        return q
+
+    def _fit_opq(self, x: np.ndarray, cfg: TokenizeConfig) -> None:
+        d = x.shape[1]
+        if d % self.digits:
+            raise ConfigError(f"tokenize.digits: {self.digits} does not divide the dimension {d}; "
+                              f"set tokenize.pca_dim to a multiple of it")
+        if len(x) <= d:  # faiss's OPQ solve crashes on fewer points than dimensions
+            raise ConfigError(f"tokenize: OPQ needs more training items ({len(x)}) than "
+                              f"dimensions ({d}); set tokenize.pca_dim below {len(x)}")
+        nbits = int(np.log2(self.codebook_size))
+        self.opq = faiss.OPQMatrix(d, self.digits)
+        self.opq.niter = cfg.opq_iters
+        self.opq.niter_pq = cfg.kmeans_iters
+        self.opq.niter_pq_0 = cfg.kmeans_iters
+        # OPQ's own PQ must have our codebook size; OPQMatrix keeps only a raw pointer to
+        # it, so it is kept alive here for as long as the quantiser lives.
+        inner = faiss.ProductQuantizer(d, self.digits, nbits)
+        inner.cp.seed = cfg.seed
+        self.keep_alive += [inner, _use_gpu_assignment(inner, d // self.digits)]
+        self.opq.pq = inner
+        self.opq.train(x)
+        rotated = self.opq.apply(x)
+        pq = faiss.ProductQuantizer(d, self.digits, nbits)
+        pq.cp.seed = cfg.seed
+        pq.cp.niter = cfg.kmeans_iters
+        self.keep_alive.append(_use_gpu_assignment(pq, d // self.digits))
+        pq.train(rotated)
+        self.centroids = faiss.vector_to_array(pq.centroids).reshape(
+            self.digits, self.codebook_size, d // self.digits).copy()
+
+    def _fit_rq(self, x: np.ndarray, cfg: TokenizeConfig) -> None:
+        residual = x.copy()
+        levels = []
+        for level in range(self.digits):
+            km = faiss.Kmeans(x.shape[1], self.codebook_size, niter=cfg.kmeans_iters,
+                              seed=cfg.seed + level, gpu=bool(gpu_count()), verbose=False)
+            km.train(residual)
+            levels.append(km.centroids.copy())
+            residual -= km.centroids[_nearest(km.centroids, residual)]
+        self.centroids = np.stack(levels)
+
+    # ------------------------------------------------------------------ encoding
+    def _reduce(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.pca is None:
+            return x
+        reduced = self.pca.apply(x)
+        faiss.normalize_L2(reduced)
+        return reduced
+
+    def encode(self, vectors: np.ndarray) -> np.ndarray:
+        x = self._reduce(vectors)
+        codes = np.empty((len(x), self.digits), dtype=np.int64)
+        if self.kind == "opq":
+            x = self.opq.apply(x)
+            dsub = x.shape[1] // self.digits
+            for m in range(self.digits):
+                codes[:, m] = _nearest(self.centroids[m], x[:, m * dsub:(m + 1) * dsub])
+        else:
+            residual = x.copy()
+            for level in range(self.digits):
+                codes[:, level] = _nearest(self.centroids[level], residual)
+                residual -= self.centroids[level][codes[:, level]]
+        return codes
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: Path, extra: dict[str, Any] | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.pca is not None:
+            faiss.write_VectorTransform(self.pca, str(folder / "pca.faiss"))
+        if self.opq is not None:
+            faiss.write_VectorTransform(self.opq, str(folder / "opq.faiss"))
+        np.save(folder / "centroids.npy", self.centroids)
+        meta = {"kind": self.kind, "digits": self.digits, "codebook_size": self.codebook_size,
+                "dim": self.dim, **(extra or {})}
+        (folder / "quantizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple[Quantizer, dict[str, Any]]:
+        meta = json.loads((folder / "quantizer.json").read_text())
+        q = cls(kind=meta["kind"], digits=meta["digits"], codebook_size=meta["codebook_size"],
+                dim=meta["dim"], centroids=np.load(folder / "centroids.npy", allow_pickle=False))
+        if (folder / "pca.faiss").is_file():
+            q.pca = faiss.read_VectorTransform(str(folder / "pca.faiss"))
+        if (folder / "opq.faiss").is_file():
+            q.opq = faiss.read_VectorTransform(str(folder / "opq.faiss"))
+        return q, meta
+
+
+def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (L2) for each row of ``x``."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, nearest = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return nearest[:, 0].astype(np.int64)
+
+
+def _use_gpu_assignment(pq: Any, dsub: int) -> Any:
+    """Routes a PQ's k-means assignment through a GPU flat index when one is available."""
+    if not gpu_count():
+        return None
+    resources = faiss.StandardGpuResources()
+    index = faiss.GpuIndexFlatL2(resources, dsub)
+    pq.assign_index = index
+    return (resources, index)  # kept alive as long as the quantiser
+
+
+# ---------------------------------------------------------------------- collisions
+
+
+@dataclass
+class SidAssignment:
+    """Codes per item after the collision rule, and how crowded the codes are."""
+
+    codes: np.ndarray  # (N, digits) or (N, digits + 1) with extra_digit
+    collision_rank: np.ndarray  # (N,) order of the item among items sharing its base code
+    group_size: np.ndarray  # (N,) number of items sharing its base code
+
+
+def assign_sids(codes: np.ndarray, rule: str) -> SidAssignment:
+    """``expand``: codes as they are (a SID can name several items); ``extra_digit``:
+    append the collision rank as one more digit so every item's SID is unique."""
+    if rule not in ("expand", "extra_digit"):
+        raise ConfigError(f"tokenize.collision: {rule!r} is not expand or extra_digit")
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[order] = np.arange(len(codes)) - group_start[inverse[order]]
+    out = np.concatenate([codes, rank[:, None]], axis=1) if rule == "extra_digit" else codes
+    return SidAssignment(out, rank, counts[inverse])
+
+
+def code_stats(codes: np.ndarray, assignment: SidAssignment, codebook_size: int) -> dict[str, Any]:
+    """Distinct codes, collisions, and per-digit usage and entropy (bits)."""
+    usage, entropy = [], []
+    for m in range(codes.shape[1]):
+        counts = np.bincount(codes[:, m], minlength=codebook_size)
+        p = counts[counts > 0] / len(codes)
+        usage.append(int((counts > 0).sum()))
+        entropy.append(round(float(-(p * np.log2(p)).sum()), 4))
+    return {
+        "items": int(len(codes)),
+        "distinct_codes": int(len(np.unique(codes, axis=0))),
+        "colliding_items": int((assignment.group_size > 1).sum()),
+        "max_items_per_code": int(assignment.group_size.max()) if len(codes) else 0,
+        "digit_usage": usage,
+        "digit_entropy_bits": entropy,
+        "max_entropy_bits": round(float(np.log2(codebook_size)), 4),
+    }

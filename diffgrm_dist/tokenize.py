@@ -1,0 +1,181 @@
+"""tokenize stage (Parallel Semantic Encoding): item text -> n-digit semantic IDs.
+
+1. Embed every catalogue item's text on a Ray actor pool (``embed.py``); shards are cached
+   under ``RUN_DIR/embeddings/<key>/`` so a restart embeds only what is missing.
+2. Fit the quantiser (``quantize.py``: whitened PCA + OPQ + PQ, or RQ-KMeans) on the items
+   seen in training, and encode every item.
+3. Apply the collision rule and write ``RUN_DIR/tokenize/``: ``sids.parquet`` (``item``,
+   ``d0..d{n-1}`` [+ the extra digit], ``collision_rank``), ``quantizer/`` and ``stats.json``.
+
+``encode_new_items`` assigns SIDs to items outside the catalogue with the saved quantiser
+(cold start) without refitting anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from diffgrm_dist.config import ExperimentConfig
+from diffgrm_dist.embed import embed_catalogue
+from diffgrm_dist.errors import DataError
+from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats, gpu_count
+from diffgrm_dist.readers import iter_lines
+from diffgrm_dist.rundir import RunDir
+from diffgrm_dist.text import render_text, template_fields
+
+log = logging.getLogger(__name__)
+
+
+def digit_columns(n: int) -> list[str]:
+    return [f"d{i}" for i in range(n)]
+
+
+def train_item_mask(prepare_dir: Path, n_items: int) -> np.ndarray:
+    """Items that occur in any training window (history or target)."""
+    train = pq.read_table(prepare_dir / "train.parquet", columns=["history", "target"])
+    seen = np.zeros(n_items, dtype=bool)
+    seen[pc.list_flatten(train["history"]).to_numpy()] = True
+    seen[train["target"].to_numpy()] = True
+    return seen
+
+
+def embedding_cache(cfg: ExperimentConfig, run_dir: RunDir) -> Path:
+    """Content-addressed shard cache; shareable between runs of the same catalogue."""
+    return Path(cfg.tokenize.embedding_cache) if cfg.tokenize.embedding_cache else run_dir.root / "embeddings"
+
+
+def sid_table(items: np.ndarray, codes: np.ndarray, rank: np.ndarray) -> pa.Table:
+    columns: dict[str, Any] = {"item": pa.array(items.astype(np.int32))}
+    for name, column in zip(digit_columns(codes.shape[1]), codes.T):
+        columns[name] = pa.array(column.astype(np.int32))
+    columns["collision_rank"] = pa.array(rank.astype(np.int32))
+    return pa.table(columns)
+
+
+def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+    tcfg = cfg.tokenize
+    prepare_dir = run_dir.stage_path("prepare")
+    items = pq.read_table(prepare_dir / "items.parquet", columns=["item", "text"])
+    texts = items["text"].to_pylist()
+
+    embeddings, report = embed_catalogue(texts, embedding_cache(cfg, run_dir), tcfg)
+    seen = train_item_mask(prepare_dir, len(texts))
+    if not seen.any():  # no training windows at all (every user has exactly 3 items)
+        seen[:] = True
+
+    start = time.perf_counter()
+    quantizer = Quantizer.fit(embeddings[seen], tcfg)
+    codes = quantizer.encode(embeddings)
+    quantize_s = time.perf_counter() - start
+    assignment = assign_sids(codes, tcfg.collision)
+    quantizer.save(out / "quantizer", extra={"model": tcfg.model, "collision": tcfg.collision,
+                                             "pca_dim": tcfg.pca_dim})
+    pq.write_table(sid_table(items["item"].to_numpy(), assignment.codes, assignment.collision_rank),
+                   out / "sids.parquet")
+    stats = {
+        **code_stats(codes, assignment, tcfg.codebook_size),
+        "quantizer": tcfg.quantizer,
+        "collision_rule": tcfg.collision,
+        "sid_digits": int(assignment.codes.shape[1]),
+        "extra_digit_size": int(assignment.group_size.max()) if tcfg.collision == "extra_digit" else 0,
+        "train_items": int(seen.sum()),
+        "embedding_dim": report.dim,
+        "embedding": {k: v for k, v in vars(report).items() if k != "cache_dir"},
+        "embedding_s": report.seconds,
+        "quantizer_s": round(quantize_s, 3),
+        "quantizer_device": "gpu" if gpu_count() else "cpu",
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    log.info("tokenize: %d items -> %d distinct codes, %d colliding items", stats["items"],
+             stats["distinct_codes"], stats["colliding_items"])
+    return stats
+
+
+# ---------------------------------------------------------------------- cold start
+
+
+def _read_new_items(path: Path, template: list[str]) -> tuple[list[str], list[str]]:
+    """``item_id`` and text of each new item, from JSONL (``text`` or template fields) or Parquet."""
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+    else:
+        rows = []
+        for number, line in iter_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, f"not valid JSON: {exc.msg}", line=number) from None
+            if not isinstance(record, dict) or not record.get("item_id"):
+                raise DataError(path, "missing", line=number, field="item_id")
+            rows.append({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in record.items()})
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"item_id": pa.array([], pa.string())})
+    if "item_id" not in table.column_names:
+        raise DataError(path, "missing column", field="item_id")
+    if "text" in table.column_names:
+        texts = table["text"]
+    else:
+        missing = [f for f in template_fields(template) if f not in table.column_names]
+        if missing:
+            raise DataError(path, f"needs a 'text' column or the template's fields {missing}",
+                            field="text")
+        texts = render_text(table, template, " ", 0)
+    ids = [str(v) for v in table["item_id"].to_pylist()]
+    texts_list = ["" if t is None else t for t in texts.to_pylist()]
+    for i, text in enumerate(texts_list):
+        if not text.strip():
+            raise DataError(path, f"item {ids[i]!r} has no text", line=i + 1, field="text")
+    return ids, texts_list
+
+
+def encode_new_items(cfg: ExperimentConfig, run_dir: RunDir, path: Path) -> Path:
+    """Assigns SIDs to items outside the catalogue with the saved quantiser; returns the file.
+
+    New items are ranked after the catalogue's items with the same code, so the catalogue's
+    SIDs never change.
+    """
+    stage = run_dir.stage_path("tokenize")
+    if run_dir.manifest("tokenize") is None:
+        raise DataError(stage, "run the tokenize stage first")
+    quantizer, meta = Quantizer.load(stage / "quantizer")
+    ids, texts = _read_new_items(path, cfg.data.text_template)
+    if not ids:
+        raise DataError(path, "no items to encode")
+    tcfg = cfg.tokenize
+    tcfg.model = meta["model"]
+    embeddings, _ = embed_catalogue(texts, embedding_cache(cfg, run_dir), tcfg)
+    codes = quantizer.encode(embeddings)
+    catalogue = pq.read_table(stage / "sids.parquet")
+    base = np.stack([catalogue[c].to_numpy() for c in digit_columns(quantizer.digits)], axis=1)
+    combined = assign_sids(np.concatenate([base, codes]), meta["collision"])
+    new_codes = combined.codes[len(base):]
+    table = sid_table(np.arange(len(ids)), new_codes, combined.collision_rank[len(base):])
+    table = table.drop(["item"]).add_column(0, "item_id", pa.array(ids, pa.string()))
+    table = table.append_column("catalogue_items_with_code",
+                                pa.array((combined.group_size[len(base):]
+                                          - _new_per_code(codes)).astype(np.int32)))
+    folder = run_dir.root / "cold_start"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{path.stem}.parquet"
+    tmp = folder / f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def _new_per_code(codes: np.ndarray) -> np.ndarray:
+    """For each new item, how many new items (itself included) share its code."""
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    return counts[inverse.reshape(-1)]

