@@ -40,11 +40,23 @@ def _run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str
     return run_tokenize(cfg, run_dir, out)
 
 
+def _run_shard(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+    from diffgrm_dist.shard import run_shard
+
+    return run_shard(cfg, run_dir, out)
+
+
+def _run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+    from diffgrm_dist.train import run_train
+
+    return run_train(cfg, run_dir, out)
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", ("data", "prepare"), (), _run_prepare),
     Stage("tokenize", ("tokenize",), ("prepare",), _run_tokenize),
-    Stage("shard", ("shard",), ("prepare", "tokenize"), None),
-    Stage("train", ("model", "train"), ("shard", "tokenize"), None),
+    Stage("shard", ("shard",), ("prepare", "tokenize"), _run_shard),
+    Stage("train", ("model", "train", "eval"), ("shard", "tokenize"), _run_train),
     Stage("evaluate", ("eval",), ("train", "tokenize", "prepare"), None),
 )}
 PIPELINE = tuple(STAGES)

@@ -33,3 +33,13 @@ def require_amazon(name: str) -> Path:
     if not (folder / "user_sequence.txt").is_file():
         pytest.skip(f"{folder} not present")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """configs/tiny.yaml through prepare, tokenize (real model on Ray, real faiss) and shard,
+    once per test session; tests that change it use a copy."""
+    run = tmp_path_factory.mktemp("tiny")
+    for stage in ("prepare", "tokenize", "shard"):
+        assert main([stage, "-c", str(CONFIGS / "tiny.yaml"), "-o", str(run)]) == 0, stage
+    return run

@@ -21,17 +21,6 @@ TINY = CONFIGS / "tiny.yaml"
 DIFFGRM = str(Path(sys.executable).parent / "diffgrm")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One prepared + tokenized tiny run, shared by the tests of this module."""
-    from diffgrm_dist.cli import main
-
-    run = tmp_path_factory.mktemp("tiny")
-    assert main(["prepare", "-c", str(TINY), "-o", str(run)]) == 0
-    assert main(["tokenize", "-c", str(TINY), "-o", str(run)]) == 0
-    return run
-
-
 def test_outputs_and_stats(tiny_run):
     cfg = load_config(TINY)
     sids = pq.read_table(tiny_run / "tokenize" / "sids.parquet")

@@ -1,0 +1,233 @@
+"""DiffGRM: history encoder + bidirectional masked-diffusion decoder over SID digits.
+
+The whole model in one file. Shapes: B users, L history slots, n digits, d model width.
+
+- Vocabulary: digit ``i`` has its own table of ``sizes[i]`` code embeddings (all digits
+  live in one ``nn.Embedding`` at offsets), plus one PAD row; each digit also has a
+  learned mask embedding.
+- Encoder: an item is its n digit embeddings concatenated (n*d) -> MLP -> d, plus a learned
+  position; pre-LN Transformer blocks with a key padding mask.
+- Diffusion decoder: n slots, one per digit. A slot shows its code embedding when the digit
+  is known and its mask embedding otherwise; full bidirectional self-attention over the
+  slots, cross-attention to the encoder output; logits of digit i are dot products with
+  digit i's code table (tied weights).
+- Autoregressive decoder (TIGER-style baseline, ``decoder="autoregressive"``): the same
+  blocks with a causal mask over [BOS, digit 0, ..., digit n-2].
+
+Cross-attention keys/values are exposed (``cross_kv``) so beam search computes them once
+per user and reuses them for every beam. No distributed code lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffgrm_dist.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SidSpec:
+    """Shape of the semantic IDs the model reads and writes."""
+
+    sizes: tuple[int, ...]  # codes per digit (the extra digit may have fewer)
+    max_history: int
+
+    @property
+    def digits(self) -> int:
+        return len(self.sizes)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, d) -> keys, values as (B, heads, S, d/heads)."""
+        b, s, d = x.shape
+        k, v = self.kv(x).view(b, s, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """``mask``: bool, broadcastable to (B, heads, T, S), True where attention is allowed."""
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        k, v = kv
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Linear(ffn, d), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.mlp = MLP(cfg.d_model, cfg.ffn, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.drop(self.attn(h, self.attn.project_kv(h), mask=mask))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.cross_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.mlp = MLP(cfg.d_model, cfg.ffn, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor],
+                memory_mask: torch.Tensor, causal: bool, group: int = 1) -> torch.Tensor:
+        """x: (M*group, n, d), rows grouped by memory row. Self-attention stays within each
+        row's n slots; for cross-attention the group's slots are one query sequence of
+        length group*n against that memory row, so keys/values are never copied per row."""
+        h = self.ln1(x)
+        x = x + self.drop(self.self_attn(h, self.self_attn.project_kv(h), causal=causal))
+        rows, n, d = x.shape
+        q = self.ln2(x).view(rows // group, group * n, d)
+        x = x + self.drop(self.cross_attn(q, cross_kv, mask=memory_mask).view(rows, n, d))
+        return x + self.mlp(self.ln3(x))
+
+
+@dataclass
+class Memory:
+    """Encoder output for a batch of users, in the form the decoder consumes.
+
+    ``kv[l]`` are layer l's cross-attention keys/values, ``mask`` (B, 1, 1, L) marks real
+    history slots. Decoder rows share a memory row by grouping (see ``denoise``).
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> Memory:
+        return Memory([(k[index], v[index]) for k, v in self.kv], self.mask[index])
+
+
+class DiffGRM(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: SidSpec) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.heads:
+            raise ValueError(f"model.d_model={cfg.d_model} is not divisible by model.heads={cfg.heads}")
+        self.cfg, self.spec = cfg, spec
+        d, n = cfg.d_model, spec.digits
+        offsets = torch.tensor([0, *torch.tensor(spec.sizes).cumsum(0).tolist()[:-1]])
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.pad = int(sum(spec.sizes))
+        self.codes = nn.Embedding(self.pad + 1, d, padding_idx=self.pad)
+        self.item_mlp = nn.Sequential(nn.Linear(n * d, d), nn.ReLU(), nn.Linear(d, d))
+        self.history_pos = nn.Embedding(spec.max_history, d)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
+        self.encoder_ln = nn.LayerNorm(d)
+        self.mask_emb = nn.Parameter(torch.zeros(n, d))  # one mask embedding per digit
+        self.digit_pos = nn.Parameter(torch.zeros(n, d))
+        self.bos = nn.Parameter(torch.zeros(d))  # autoregressive decoder only
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        self.decoder_ln = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init)
+        for p in (self.mask_emb, self.digit_pos, self.bos):
+            nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, history: torch.Tensor, history_mask: torch.Tensor) -> Memory:
+        """history: (B, L, n) codes (anything where masked out), history_mask: (B, L) bool."""
+        b, length, n = history.shape
+        tokens = torch.where(history_mask[..., None], history + self.offsets, self.pad)
+        items = self.item_mlp(self.codes(tokens).reshape(b, length, -1))
+        x = self.drop(items + self.history_pos.weight[:length])
+        # Users with no history at all would attend to nothing; let them see slot 0.
+        keys = history_mask.clone()
+        keys[:, 0] |= ~history_mask.any(dim=1)
+        attn_mask = keys[:, None, None, :]
+        for block in self.encoder:
+            x = block(x, attn_mask)
+        memory = self.encoder_ln(x)
+        return Memory([blk.cross_attn.project_kv(memory) for blk in self.decoder], attn_mask)
+
+    # ------------------------------------------------------------------ decoders
+    def code_table(self, digit: int) -> torch.Tensor:
+        start = int(self.offsets[digit])
+        return self.codes.weight[start:start + self.spec.sizes[digit]]
+
+    def _logits(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Per-digit logits from slot states h (B, n, d); digit sizes may differ."""
+        return [h[:, i] @ self.code_table(i).T for i in range(self.spec.digits)]
+
+    def stacked_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, n, K_max) logits; codes beyond a digit's size are -inf."""
+        sizes = self.spec.sizes
+        if len(set(sizes)) == 1:
+            table = self.codes.weight[:self.pad].view(len(sizes), sizes[0], -1)
+            return torch.einsum("bnd,nkd->bnk", h, table)
+        out = h.new_full((h.shape[0], len(sizes), max(sizes)), float("-inf"))
+        for i, logits in enumerate(self._logits(h)):
+            out[:, i, :sizes[i]] = logits
+        return out
+
+    def denoise(self, memory: Memory, codes: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Diffusion decoder: (R, n) codes with (R, n) bool ``masked`` -> (R, n, K_max) logits.
+
+        R is a multiple of the memory's rows: rows [m*G, (m+1)*G) read memory row m (the n
+        views of one training example, or the beams of one user at inference)."""
+        group = codes.shape[0] // memory.mask.shape[0]
+        shown = self.codes(torch.where(masked, self.pad, codes + self.offsets))
+        x = torch.where(masked[..., None], self.mask_emb.expand_as(shown), shown) + self.digit_pos
+        x = self.drop(x)
+        for block, kv in zip(self.decoder, memory.kv):
+            x = block(x, kv, memory.mask, causal=False, group=group)
+        return self.stacked_logits(self.decoder_ln(x))
+
+    def autoregress(self, memory: Memory, codes: torch.Tensor) -> torch.Tensor:
+        """AR decoder, teacher forced: (R, t) codes of the first t digits -> (R, t+1, K_max)
+        logits for digits 0..t (grouped by memory row as in ``denoise``)."""
+        r, t = codes.shape
+        group = r // memory.mask.shape[0]
+        prev = self.codes(codes + self.offsets[:t])
+        x = torch.cat([self.bos.expand(r, 1, -1), prev], dim=1) + self.digit_pos[:t + 1]
+        x = self.drop(x)
+        for block, kv in zip(self.decoder, memory.kv):
+            x = block(x, kv, memory.mask, causal=True, group=group)
+        h = self.decoder_ln(x)
+        if t + 1 == self.spec.digits:
+            return self.stacked_logits(h)
+        out = h.new_full((r, t + 1, max(self.spec.sizes)), float("-inf"))
+        for i in range(t + 1):
+            out[:, i, :self.spec.sizes[i]] = h[:, i] @ self.code_table(i).T
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
