@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from diffgrm_dist.config import load_config
-from diffgrm_dist.errors import DiffGRMError, StageNotImplemented
+from diffgrm_dist.errors import DiffGRMError
 from diffgrm_dist.rundir import RunDir
 from diffgrm_dist.stages import PIPELINE, run_stage
 
@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=True, help="experiment YAML (configs/*.yaml)")
         p.add_argument("-o", "--run-dir", required=True, help="run directory for the artifacts")
         p.add_argument("--force", action="store_true", help="re-run even if the manifest is current")
+        if name == "recommend":
+            p.add_argument("--history", nargs="+", metavar="ITEM_ID", help="one history, oldest first")
+            p.add_argument("--file", help="histories, one per line (item ids, oldest first)")
         if name == "tokenize":
             p.add_argument("--encode", metavar="NEW_ITEMS",
                            help="assign SIDs to new items (JSONL/Parquet with item_id and text "
@@ -42,6 +45,21 @@ def _print_stats(stage: str, stats: dict[str, Any]) -> None:
         print(f"[{stage}] " + json.dumps(nested, sort_keys=True))
 
 
+def _recommend(cfg, run_dir: RunDir, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from diffgrm_dist.errors import ConfigError
+    from diffgrm_dist.evaluate import read_history_file, recommend
+
+    histories = ([args.history] if args.history else []) + (read_history_file(Path(args.file)) if args.file else [])
+    if not histories:
+        raise ConfigError("recommend: give --history ITEM_ID ... or --file HISTORIES")
+    for number, ranked in enumerate(recommend(cfg, run_dir, histories), start=1):
+        print(f"history {number}: {' '.join(histories[number - 1])}")
+        for row in ranked:
+            print(f"  {row['rank']:>3}. {row['item_id']:<14} {row['score']:>9.4f}  {row['text']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -51,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = RunDir(args.run_dir)
         if args.stage == "pipeline":
             for stage in PIPELINE:
-                try:
-                    _print_stats(stage, run_stage(stage, cfg, run_dir, force=args.force))
-                except StageNotImplemented as exc:
-                    print(f"[pipeline] stopped before {stage!r}: {exc}")
-                    break
+                _print_stats(stage, run_stage(stage, cfg, run_dir, force=args.force))
         elif args.stage == "tokenize" and args.encode:
             from pathlib import Path
 
@@ -64,12 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             path = encode_new_items(cfg, run_dir, Path(args.encode))
             print(f"[tokenize] encoded {args.encode} -> {path}")
         elif args.stage == "recommend":
-            raise StageNotImplemented("stage 'recommend' is not implemented yet")
+            _recommend(cfg, run_dir, args)
         else:
             _print_stats(args.stage, run_stage(args.stage, cfg, run_dir, force=args.force))
-    except StageNotImplemented as exc:
-        print(f"diffgrm: {exc}", file=sys.stderr)
-        return 3
     except DiffGRMError as exc:
         print(f"diffgrm: error: {exc}", file=sys.stderr)
         return 2

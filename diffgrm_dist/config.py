@@ -139,8 +139,12 @@ class EvalConfig:
     valid_beam_size: int = 32
     top_k: int = 10
     final_step: str = "global"  # global (paper) | greedy (released code)
+    fill_order: str = "confidence"  # confidence (CPD) | random (a fixed random order: ablation)
+    split: str = "test"  # test | valid
+    launcher: str = "ray"  # ray (actor pool) | local (this process)
     num_actors: int = 0  # 0: from the cluster's resources
     batch_size: int = 256
+    seed: int = 0
 
 
 @dataclass

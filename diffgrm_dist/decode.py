@@ -41,7 +41,7 @@ class KeyTable:
 
     def __init__(self, keys: np.ndarray, values: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        capacity = 1 << max(4, int(np.ceil(np.log2(max(1, len(keys)) * 2))))
+        capacity = 1 << max(4, int(np.ceil(np.log2(max(1, len(keys)) * 2))))  # load <= 1/2
         self.mask = capacity - 1
         self.keys = np.full(capacity, -1, dtype=np.int64)
         self.values = np.full(capacity, -1, dtype=np.int64)
@@ -73,14 +73,19 @@ class KeyTable:
             self._torch[device] = (torch.from_numpy(self.keys).to(keys.device),
                                    torch.from_numpy(self.values).to(keys.device))
         table_keys, table_values = self._torch[device]
-        slot = ((keys * int(self._MULT)) >> 17) & self.mask
-        out = torch.full_like(keys, -1)
-        for _ in range(self.probes):
+        flat = keys.reshape(-1)
+        slot = ((flat * int(self._MULT)) >> 17) & self.mask
+        out = torch.full_like(flat, -1)
+        pending = torch.arange(len(flat), device=keys.device)
+        for _ in range(self.probes):  # most keys resolve at the first probe
             found = table_keys[slot]
-            hit = found == keys
-            out = torch.where(hit, table_values[slot], out)
-            slot = (slot + 1) & self.mask
-        return out
+            hit = found == flat[pending]
+            out[pending[hit]] = table_values[slot[hit]]
+            more = ~hit & (found != -1)  # an empty slot ends the search: absent
+            pending, slot = pending[more], (slot[more] + 1) & self.mask
+            if not len(pending):
+                break
+        return out.view_as(keys)
 
     @property
     def nbytes(self) -> int:
@@ -91,52 +96,114 @@ class KeyTable:
 
 
 class Catalogue:
-    """Codes of all items: partial-pattern index and code -> items mapping."""
+    """Codes of all items: which partial patterns exist, and which items each code names.
 
-    def __init__(self, codes: np.ndarray, sizes: tuple[int, ...], collision_rank: np.ndarray | None = None) -> None:
+    A partial pattern is a subset S of the digits (a bitmask) with values on S. Subsets
+    whose value space is small (at most ``dense_limit`` patterns, e.g. any 3 of 4 digits
+    of 256 codes: 2^24) get a packed bitset, indexed directly; larger ones (the full code)
+    go into a hash table of the patterns that occur. Either way a look-up is O(1), and
+    memory is a few MB of bitsets plus a table linear in items.
+    """
+
+    def __init__(self, codes: np.ndarray, sizes: tuple[int, ...],
+                 collision_rank: np.ndarray | None = None, dense_limit: int = 1 << 26) -> None:
         codes = np.asarray(codes, dtype=np.int64)
         self.sizes = tuple(int(s) for s in sizes)
-        self.digits = len(self.sizes)
-        self.strides = np.concatenate([[1], np.cumprod(self.sizes)[:-1]]).astype(np.int64)
-        self.space = int(np.prod(self.sizes, dtype=np.int64))
-        if self.space * (1 << self.digits) >= 2 ** 62:
+        n = self.digits = len(self.sizes)
+        subsets = 1 << n
+        full = subsets - 1
+        # Within-subset strides: digit d of subset S is scaled by the sizes of S's lower digits.
+        self.subset_strides = np.zeros((subsets, n), dtype=np.int64)
+        self.subset_space = np.ones(subsets, dtype=np.int64)
+        for s in range(subsets):
+            for d in range(n):
+                if s >> d & 1:
+                    self.subset_strides[s, d] = self.subset_space[s]
+                    self.subset_space[s] *= self.sizes[d]
+        if int(self.subset_space[full]) >= 2 ** 56:
             raise ValueError(f"code space {self.sizes} too large for 64-bit pattern keys")
-        # Full codes -> group id -> items (sorted by collision rank).
-        full = codes @ self.strides
+        self.dense = (self.subset_space <= dense_limit) & (np.arange(subsets) != full)
+        self.dense[0] = False
+        self.bit_offset = np.zeros(subsets, dtype=np.int64)
+        self.bit_offset[self.dense] = np.concatenate([[0], np.cumsum(self.subset_space[self.dense])[:-1]])
+        bits = np.zeros(int(self.subset_space[self.dense].sum()), dtype=bool)
+        hashed: list[np.ndarray] = []
+        for s in range(1, full):
+            index = codes @ self.subset_strides[s]
+            if self.dense[s]:
+                bits[self.bit_offset[s] + index] = True
+            else:
+                hashed.append(np.unique(self._hash_key(s, index)))
+        self.bitset = np.packbits(bits, bitorder="little") if len(bits) else np.zeros(1, np.uint8)
+        # Full codes: group id -> items (CSR), items in collision-rank order.
+        full_index = codes @ self.subset_strides[full]
         rank = collision_rank if collision_rank is not None else np.zeros(len(codes), np.int64)
-        order = np.lexsort((np.arange(len(codes)), rank, full))
-        unique_full, starts = np.unique(full[order], return_index=True)
+        order = np.lexsort((np.arange(len(codes)), rank, full_index))
+        unique_full, starts = np.unique(full_index[order], return_index=True)
         self.item_offsets = np.append(starts, len(order)).astype(np.int64)
         self.item_list = order.astype(np.int64)
         self.num_codes = len(unique_full)
-        # Partial patterns: subset bitmask s (1..2^n-1) and the values on s.
-        keys = [self._key_np(codes, s) for s in range(1, 1 << self.digits) if s != (1 << self.digits) - 1]
-        partial = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-        full_keys = self._key_np(codes[order[starts]], (1 << self.digits) - 1)
-        self.table = KeyTable(np.concatenate([partial, full_keys]),
+        partial = np.concatenate(hashed) if hashed else np.zeros(0, np.int64)
+        self.table = KeyTable(np.concatenate([partial, self._hash_key(full, unique_full)]),
                               np.concatenate([np.full(len(partial), -2, np.int64),
                                               np.arange(len(unique_full), dtype=np.int64)]))
-        self.strides_t = torch.from_numpy(self.strides)
-        self.bits_t = torch.tensor([1 << d for d in range(self.digits)], dtype=torch.int64)
+        self._t: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _key_np(self, codes: np.ndarray, subset: int) -> np.ndarray:
-        on = np.array([(subset >> d) & 1 for d in range(self.digits)], dtype=np.int64)
-        return subset * self.space + codes @ (self.strides * on)
+    def _hash_key(self, subset: int | np.ndarray, index):
+        return subset * int(self.subset_space[-1]) + index
 
-    def pattern_key(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-        """Keys of (…, n) codes restricted to (…, n) bool ``filled``."""
-        strides, bits = self.strides_t.to(codes.device), self.bits_t.to(codes.device)
-        f = filled.long()
-        return (f * bits).sum(-1) * self.space + (codes * strides * f).sum(-1)
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        key = str(device)
+        if key not in self._t:
+            self._t[key] = {name: torch.from_numpy(getattr(self, name)).to(device) for name in
+                            ("subset_strides", "dense", "bit_offset", "bitset")}
+            self._t[key]["bits"] = torch.tensor([1 << d for d in range(self.digits)], device=device)
+            self._t[key]["sizes"] = torch.tensor(self.sizes, device=device)
+        return self._t[key]
 
-    def items_of(self, group: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(start, end) into ``item_list`` for code groups."""
-        g = group.cpu().numpy()
-        return self.item_offsets[g], self.item_offsets[g + 1]
+    def lookup(self, subset: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """-1 if the pattern (subset bitmask, within-subset index) exists in no item, else
+        its code group (full codes) or -2 (partial patterns)."""
+        t = self.tensors(index.device)
+        dense = t["dense"][subset]
+        position = torch.where(dense, t["bit_offset"][subset] + index, torch.zeros_like(index))
+        bit = (t["bitset"][position >> 3].long() >> (position & 7)) & 1
+        hashed = self.table.lookup(torch.where(dense, torch.zeros_like(index),
+                                               self._hash_key(subset, index)))
+        return torch.where(dense, torch.where(bit == 1, -2, -1), hashed)
+
+    def subset_of(self, filled: torch.Tensor) -> torch.Tensor:
+        return (filled.long() * self.tensors(filled.device)["bits"]).sum(-1)
+
+    def index_of(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        strides = self.tensors(codes.device)["subset_strides"][self.subset_of(filled)]
+        return (codes * strides * filled.long()).sum(-1)
+
+    def groups_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code group of full codes (..., n); -1 where no item has the code."""
+        full = torch.ones_like(codes, dtype=torch.bool)
+        return self.lookup(self.subset_of(full), self.index_of(codes, full))
+
+    def candidates_exist(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """For beams (..., n) with ``filled`` digits: (..., n, K) whether filling digit j with
+        code c gives a pattern some item has (False where j is filled or c out of range)."""
+        t = self.tensors(codes.device)
+        n, k = self.digits, max(self.sizes)
+        new_subset = self.subset_of(filled)[..., None] | t["bits"]  # (..., n)
+        strides = t["subset_strides"][new_subset]  # (..., n, n): strides in the new subset
+        base = (codes[..., None, :] * strides * filled[..., None, :].long()).sum(-1)  # (..., n)
+        own = torch.diagonal(strides, dim1=-2, dim2=-1)  # stride of digit j in subset S+j
+        code = torch.arange(k, device=codes.device)
+        index = base[..., None] + own[..., None] * code
+        subset = new_subset[..., None].expand_as(index)
+        ok = ~filled[..., None] & (code < t["sizes"][:, None])
+        found = self.lookup(subset, torch.where(ok, index, torch.zeros_like(index)))
+        return ok & (found != -1)
 
     @property
     def nbytes(self) -> int:
-        return self.table.nbytes + self.item_offsets.nbytes + self.item_list.nbytes
+        return (self.table.nbytes + self.bitset.nbytes + self.item_offsets.nbytes
+                + self.item_list.nbytes)
 
 
 # --------------------------------------------------------------------------- CPD
@@ -156,6 +223,9 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
         final_step: str = "global", fill_order: torch.Tensor | None = None) -> Beams:
     """Confidence-guided Parallel Denoising.
 
+    Beams that reach the same state (the same digits filled with the same codes, in another
+    order) are merged at every step, keeping the best score; the paper deduplicates codes
+    only at the end, which lets one code occupy up to n! beam slots.
     ``final_step``: ``global`` keeps the global top-B selection to the end (paper);
     ``greedy`` fills each beam's last digit with its best existing code (released code).
     ``fill_order``: a fixed digit order (the ablation's "random fixed order"); None lets
@@ -167,24 +237,14 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
     codes = torch.zeros(users, 1, n, dtype=torch.long, device=device)
     filled = torch.zeros(users, 1, n, dtype=torch.bool, device=device)
     scores = torch.zeros(users, 1, device=device)
-    digit_code = torch.arange(k, device=device)
     for step in range(n):
         width = codes.shape[1]
         logits = model.denoise(memory, codes.view(-1, n), ~filled.view(-1, n))
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, n, k)
-        allowed = ~filled[..., None].expand(-1, -1, -1, k)
+        allowed = catalogue.candidates_exist(codes, filled)  # (U, W, n, k)
         if fill_order is not None:
             allowed = allowed & (torch.arange(n, device=device) == fill_order[step])[None, None, :, None]
-        # Key of each candidate pattern: the beam's pattern plus (digit, code).
-        base = catalogue.pattern_key(codes, filled)  # (U, W)
-        strides = catalogue.strides_t.to(device)
-        bits = catalogue.bits_t.to(device)
-        cand = (base[..., None, None] + bits[:, None] * catalogue.space
-                + digit_code[None, :] * strides[:, None])  # (U, W, n, k)
-        sizes_ok = digit_code[None, :] < torch.tensor(catalogue.sizes, device=device)[:, None]
-        allowed = allowed & sizes_ok
-        exists = catalogue.table.lookup(torch.where(allowed, cand, torch.zeros_like(cand))) != -1
-        total = torch.where(allowed & exists, scores[..., None, None] + logp,
+        total = torch.where(allowed, scores[..., None, None] + logp,
                             torch.full_like(logp, NEG_INF))
         last = step == n - 1
         if last and final_step == "greedy":
@@ -193,9 +253,15 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
             flat = where
             new_scores = best
         else:
-            take = min(beam, width * n * k)
-            new_scores, idx = total.view(users, -1).topk(take, dim=-1)
+            # A state with step+1 filled digits has at most step+1 parents among the (unique)
+            # beams, so the best beam*(step+1) candidates hold the best `beam` distinct states.
+            take = min(beam * (step + 1), width * n * k)
+            cand_scores, idx = total.view(users, -1).topk(take, dim=-1)
             pick_beam, flat = idx // (n * k), idx % (n * k)
+            key = _state_key(catalogue, codes, filled, pick_beam, flat // k, flat % k)
+            cand_scores = _drop_repeats(key, cand_scores)
+            new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
+            pick_beam, flat = pick_beam.gather(1, keep), flat.gather(1, keep)
         digit, code = flat // k, flat % k
         codes = torch.gather(codes, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
         filled = torch.gather(filled, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
@@ -205,9 +271,31 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
     order = scores.argsort(dim=1, descending=True)
     scores = torch.gather(scores, 1, order)
     codes = torch.gather(codes, 1, order[..., None].expand(-1, -1, n))
-    groups = catalogue.table.lookup(catalogue.pattern_key(codes, torch.ones_like(codes, dtype=torch.bool)))
+    groups = catalogue.groups_of(codes)
     groups = torch.where(torch.isfinite(scores), groups, torch.full_like(groups, -1))
     return Beams(codes, scores, groups)
+
+
+def _state_key(catalogue: Catalogue, codes: torch.Tensor, filled: torch.Tensor, beam: torch.Tensor,
+               digit: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Identity of the state (filled digits and their codes) each candidate leads to."""
+    t = catalogue.tensors(codes.device)
+    full = t["subset_strides"][-1]
+    parent_codes = codes.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
+    parent_filled = filled.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
+    index = (parent_codes * parent_filled.long() * full).sum(-1) + code * full[digit]
+    subset = catalogue.subset_of(parent_filled) | t["bits"][digit]
+    return subset * int(catalogue.subset_space[-1]) + index
+
+
+def _drop_repeats(key: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """-inf for every candidate whose state an earlier (higher-scored) candidate reaches:
+    the same code in another fill order is one state, kept once with its best score."""
+    sorted_key, order = torch.sort(key, dim=1, stable=True)  # stable: score order within a key
+    repeat = torch.zeros_like(sorted_key, dtype=torch.bool)
+    repeat[:, 1:] = sorted_key[:, 1:] == sorted_key[:, :-1]
+    dup = torch.zeros_like(repeat).scatter(1, order, repeat)
+    return scores.masked_fill(dup, NEG_INF)
 
 
 @torch.no_grad()
@@ -220,23 +308,19 @@ def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: i
     device = memory.mask.device
     codes = torch.zeros(users, 1, 0, dtype=torch.long, device=device)
     scores = torch.zeros(users, 1, device=device)
-    digit_code = torch.arange(k, device=device)
-    strides, bits = catalogue.strides_t.to(device), catalogue.bits_t.to(device)
     for step in range(n):
         width = codes.shape[1]
         logits = model.autoregress(memory, codes.view(users * width, step))[:, step]
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, k)
-        prefix = codes @ strides[:step] if step else torch.zeros(users, width, dtype=torch.long, device=device)
-        cand = (prefix[..., None] + digit_code * strides[step]
-                + int(bits[:step + 1].sum()) * catalogue.space)
-        ok = (digit_code < catalogue.sizes[step])[None, None].expand(users, width, k)
-        exists = catalogue.table.lookup(torch.where(ok, cand, torch.zeros_like(cand))) != -1
-        total = torch.where(ok & exists, scores[..., None] + logp, torch.full_like(logp, NEG_INF))
+        padded = torch.cat([codes, codes.new_zeros(users, width, n - step)], dim=2)
+        filled = torch.arange(n, device=device) < step
+        ok = catalogue.candidates_exist(padded, filled.expand(users, width, n))[:, :, step]
+        total = torch.where(ok, scores[..., None] + logp, torch.full_like(logp, NEG_INF))
         scores, idx = total.view(users, -1).topk(min(beam, width * k), dim=-1)
         parent, code = idx // k, idx % k
         codes = torch.cat([torch.gather(codes, 1, parent[..., None].expand(-1, -1, step)),
                            code[..., None]], dim=2)
-    groups = catalogue.table.lookup(catalogue.pattern_key(codes, torch.ones_like(codes, dtype=torch.bool)))
+    groups = catalogue.groups_of(codes)
     groups = torch.where(torch.isfinite(scores), groups, torch.full_like(groups, -1))
     return Beams(codes, scores, groups)
 

@@ -28,6 +28,3 @@ class DataError(DiffGRMError):
         self.line = line
         self.field = field
 
-
-class StageNotImplemented(DiffGRMError):
-    """A pipeline stage that this version does not provide yet."""

@@ -122,9 +122,10 @@ class Memory:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
+    last: torch.Tensor  # (B, d) encoder state of the most recent history slot
 
     def select(self, index: torch.Tensor) -> Memory:
-        return Memory([(k[index], v[index]) for k, v in self.kv], self.mask[index])
+        return Memory([(k[index], v[index]) for k, v in self.kv], self.mask[index], self.last[index])
 
 
 class DiffGRM(nn.Module):
@@ -176,7 +177,8 @@ class DiffGRM(nn.Module):
         for block in self.encoder:
             x = block(x, attn_mask)
         memory = self.encoder_ln(x)
-        return Memory([blk.cross_attn.project_kv(memory) for blk in self.decoder], attn_mask)
+        return Memory([blk.cross_attn.project_kv(memory) for blk in self.decoder], attn_mask,
+                      memory[:, -1])
 
     # ------------------------------------------------------------------ decoders
     def code_table(self, digit: int) -> torch.Tensor:

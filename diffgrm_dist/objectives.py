@@ -163,4 +163,4 @@ class AutoregressiveObjective(nn.Module):
 
 
 def _detached(memory: Memory) -> Memory:
-    return Memory([(k.detach(), v.detach()) for k, v in memory.kv], memory.mask)
+    return Memory([(k.detach(), v.detach()) for k, v in memory.kv], memory.mask, memory.last.detach())

@@ -187,14 +187,19 @@ class SidAssignment:
     group_size: np.ndarray  # (N,) number of items sharing its base code
 
 
-def assign_sids(codes: np.ndarray, rule: str) -> SidAssignment:
+def assign_sids(codes: np.ndarray, rule: str, priority: np.ndarray | None = None) -> SidAssignment:
     """``expand``: codes as they are (a SID can name several items); ``extra_digit``:
-    append the collision rank as one more digit so every item's SID is unique."""
+    append the collision rank as one more digit so every item's SID is unique.
+
+    Items sharing a code are ranked by descending ``priority`` (e.g. training popularity,
+    so an expanded SID lists its most likely item first), ties by item index."""
     if rule not in ("expand", "extra_digit"):
         raise ConfigError(f"tokenize.collision: {rule!r} is not expand or extra_digit")
     _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    order = np.argsort(inverse, kind="stable")
+    if priority is None:
+        priority = np.zeros(len(codes))
+    order = np.lexsort((np.arange(len(codes)), -np.asarray(priority, dtype=np.float64), inverse))
     group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty(len(codes), dtype=np.int64)
     rank[order] = np.arange(len(codes)) - group_start[inverse[order]]

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from diffgrm_dist.config import ExperimentConfig, section_hash, to_dict
-from diffgrm_dist.errors import StageNotImplemented
 from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ class Stage:
     name: str
     sections: tuple[str, ...]
     upstream: tuple[str, ...]
-    run: Callable[[ExperimentConfig, RunDir, Path], dict[str, Any]] | None
+    run: Callable[[ExperimentConfig, RunDir, Path], dict[str, Any]]
 
 
 def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
@@ -52,12 +51,18 @@ def _run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, A
     return run_train(cfg, run_dir, out)
 
 
+def _run_evaluate(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+    from diffgrm_dist.evaluate import run_evaluate
+
+    return run_evaluate(cfg, run_dir, out)
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", ("data", "prepare"), (), _run_prepare),
     Stage("tokenize", ("tokenize",), ("prepare",), _run_tokenize),
     Stage("shard", ("shard",), ("prepare", "tokenize"), _run_shard),
     Stage("train", ("model", "train", "eval"), ("shard", "tokenize"), _run_train),
-    Stage("evaluate", ("eval",), ("train", "tokenize", "prepare"), None),
+    Stage("evaluate", ("eval",), ("train", "tokenize", "prepare"), _run_evaluate),
 )}
 PIPELINE = tuple(STAGES)
 
@@ -80,8 +85,6 @@ def stage_record(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir) -> StageR
 def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = False) -> dict[str, Any]:
     """Runs one stage unless its manifest is current; returns its stats."""
     stage = STAGES[name]
-    if stage.run is None:
-        raise StageNotImplemented(f"stage {name!r} is not implemented yet")
     record = stage_record(stage, cfg, run_dir)
     if not force and run_dir.is_current(record):
         log.info("%s: up to date, skipped (%s)", name, run_dir.stage_path(name))

@@ -41,13 +41,15 @@ def digit_columns(n: int) -> list[str]:
     return [f"d{i}" for i in range(n)]
 
 
-def train_item_mask(prepare_dir: Path, n_items: int) -> np.ndarray:
-    """Items that occur in any training window (history or target)."""
+def train_items(prepare_dir: Path, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items that occur in any training window (history or target), and how often each
+    is a training target (its popularity)."""
     train = pq.read_table(prepare_dir / "train.parquet", columns=["history", "target"])
     seen = np.zeros(n_items, dtype=bool)
     seen[pc.list_flatten(train["history"]).to_numpy()] = True
-    seen[train["target"].to_numpy()] = True
-    return seen
+    targets = train["target"].to_numpy()
+    seen[targets] = True
+    return seen, np.bincount(targets, minlength=n_items)
 
 
 def embedding_cache(cfg: ExperimentConfig, run_dir: RunDir) -> Path:
@@ -70,7 +72,7 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
     texts = items["text"].to_pylist()
 
     embeddings, report = embed_catalogue(texts, embedding_cache(cfg, run_dir), tcfg)
-    seen = train_item_mask(prepare_dir, len(texts))
+    seen, popularity = train_items(prepare_dir, len(texts))
     if not seen.any():  # no training windows at all (every user has exactly 3 items)
         seen[:] = True
 
@@ -78,7 +80,7 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
     quantizer = Quantizer.fit(embeddings[seen], tcfg)
     codes = quantizer.encode(embeddings)
     quantize_s = time.perf_counter() - start
-    assignment = assign_sids(codes, tcfg.collision)
+    assignment = assign_sids(codes, tcfg.collision, priority=popularity)
     quantizer.save(out / "quantizer", extra={"model": tcfg.model, "collision": tcfg.collision,
                                              "pca_dim": tcfg.pca_dim})
     pq.write_table(sid_table(items["item"].to_numpy(), assignment.codes, assignment.collision_rank),

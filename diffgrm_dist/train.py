@@ -385,8 +385,7 @@ def load_catalogue(tokenize_dir: Path, sizes: tuple[int, ...]) -> tuple[Catalogu
     order = np.argsort(sids["item"].to_numpy())
     codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(len(sizes))], axis=1)[order]
     catalogue = Catalogue(codes, sizes, sids["collision_rank"].to_numpy()[order])
-    groups = catalogue.table.lookup(catalogue.pattern_key(
-        torch.from_numpy(codes.astype(np.int64)), torch.ones(codes.shape, dtype=torch.bool))).numpy()
+    groups = catalogue.groups_of(torch.from_numpy(codes.astype(np.int64))).numpy()
     return catalogue, groups
 
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from conftest import CONFIGS, ROOT
 
 
@@ -11,19 +13,30 @@ def diffgrm_exe() -> str:
     return str(Path(sys.executable).parent / "diffgrm")
 
 
-def test_console_script_runs_prepare_and_stops_at_unbuilt_stages(tmp_path):
-    result = subprocess.run([diffgrm_exe(), "pipeline", "-c", str(CONFIGS / "demo.yaml"),
-                             "-o", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "users=943" in result.stdout and "items=1,682" in result.stdout
-    stats = json.loads((tmp_path / "prepare" / "stats.json").read_text())
-    assert stats["interactions"] == 100_000
+def test_console_script_runs_the_whole_pipeline(tmp_path):
+    """`diffgrm pipeline` end to end on the tiny config (Ray, DeepSpeed, faiss, the model)."""
+    result = subprocess.run([diffgrm_exe(), "pipeline", "-c", str(CONFIGS / "tiny.yaml"), "-o", str(tmp_path),
+                             "train.epochs=1", "train.wandb_mode=disabled"],
+                            capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("prepare", "tokenize", "shard", "train", "evaluate"):
+        manifest = json.loads((tmp_path / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage
+        assert f"[{stage}]" in result.stdout
+    metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert metrics["users"] == json.loads((tmp_path / "prepare" / "stats.json").read_text())["test_users"]
+    assert pq.read_metadata(tmp_path / "evaluate" / "rankings.parquet").num_rows > 0
+    # A second run finds every stage current and skips them all.
+    again = subprocess.run([diffgrm_exe(), "pipeline", "-c", str(CONFIGS / "tiny.yaml"), "-o", str(tmp_path),
+                            "train.epochs=1", "train.wandb_mode=disabled"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("up to date, skipped") == 5
 
 
-def test_unbuilt_stage_is_a_clear_error(tmp_path, run_cli):
-    code, _, err = run_cli("recommend", "-c", CONFIGS / "tiny.yaml", "-o", tmp_path)
-    assert code == 3 and "not implemented" in err
+def test_missing_upstream_stage_is_a_clear_error(tmp_path, run_cli):
+    code, _, err = run_cli("shard", "-c", CONFIGS / "tiny.yaml", "-o", tmp_path)
+    assert code == 2 and "stage 'prepare' has not run yet" in err
 
 
 def test_help_lists_every_stage():

@@ -17,6 +17,8 @@ def test_assign_sids_by_hand():
     assert len({tuple(c) for c in extra.codes.tolist()}) == len(codes)
     with pytest.raises(ConfigError):
         assign_sids(codes, "last_wins")
+    by_popularity = assign_sids(codes, "expand", priority=np.array([1, 0, 5, 0, 5]))
+    assert by_popularity.collision_rank.tolist() == [2, 0, 0, 0, 1]  # ties by item index
 
 
 def test_code_stats_by_hand():

@@ -1,0 +1,244 @@
+"""evaluate and recommend stages: CPD (or AR) beam search over Ray actors, Recall/NDCG@K.
+
+Test (or validation) users are cut into chunks; a pool of Ray actors, each holding one
+model replica (one GPU each where the cluster has GPUs) and the catalogue index, decodes
+them; the driver gathers rankings and per-user metric values in chunk order, so the
+result is identical to the single-process run (``eval.num_actors=1`` with
+``eval.launcher=local``). Nothing item x item is ever built: the catalogue index is linear
+in items and beams score n x K candidates per step whatever the catalogue size.
+
+Outputs (``RUN_DIR/evaluate/``): ``rankings.parquet`` (``user``, ``rank`` from 1, ``item``,
+``score``; the dataset's own ids), ``metrics.json`` (``{"item": {...}, "sid": {...},
+"popularity": {...}}`` plus decode wall time and users/s), ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from diffgrm_dist.config import EvalConfig, ExperimentConfig
+from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
+from diffgrm_dist.errors import DataError
+from diffgrm_dist.metrics import KS, per_user, summarise
+from diffgrm_dist.shard import load_sid_matrix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Queries:
+    """Users to rank: packed histories (item indices, oldest first) and optional targets."""
+
+    users: np.ndarray
+    offsets: np.ndarray
+    history: np.ndarray
+    targets: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def chunk(self, start: int, end: int) -> Queries:
+        lo, hi = self.offsets[start], self.offsets[end]
+        return Queries(self.users[start:end], self.offsets[start:end + 1] - lo, self.history[lo:hi],
+                       None if self.targets is None else self.targets[start:end])
+
+    @classmethod
+    def from_split(cls, prepare_dir: Path, split: str) -> Queries:
+        table = pq.read_table(prepare_dir / f"{split}.parquet")
+        history = table["history"].combine_chunks()
+        return cls(table["user"].to_numpy(), history.offsets.to_numpy().astype(np.int64),
+                   history.values.to_numpy().astype(np.int64), table["target"].to_numpy())
+
+
+class Ranker:
+    """One model replica + the catalogue index; ranks chunks of users. Also a Ray actor body."""
+
+    def __init__(self, model_dir: str, codes: np.ndarray, sizes: tuple[int, ...],
+                 collision_rank: np.ndarray, eval_cfg: EvalConfig, decoder: str, threads: int = 0) -> None:
+        from diffgrm_dist.train import load_exported
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_exported(Path(model_dir), self.device)
+        self.sids = torch.from_numpy(codes.astype(np.int64))
+        self.catalogue = Catalogue(codes, sizes, collision_rank)
+        self.item_group = self.catalogue.groups_of(self.sids).numpy()
+        self.cfg, self.decoder = eval_cfg, decoder
+        self.fill_order = (torch.from_numpy(np.random.default_rng(eval_cfg.seed).permutation(len(sizes)))
+                           if eval_cfg.fill_order == "random" else None)
+
+    def rank(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
+        """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
+        k = self.cfg.top_k
+        out_items, out_scores, out_groups = [], [], []
+        length = self.model.spec.max_history
+        for start in range(0, len(queries), self.cfg.batch_size):
+            part = queries.chunk(start, min(start + self.cfg.batch_size, len(queries)))
+            history, mask = self._batch(part, length)
+            with torch.no_grad():
+                memory = self.model.encode(history.to(self.device), mask.to(self.device))
+                if self.decoder == "autoregressive":
+                    beams = ar_beam_search(self.model, memory, self.catalogue, beam)
+                else:
+                    beams = cpd(self.model, memory, self.catalogue, beam, self.cfg.final_step,
+                                self.fill_order)
+            groups, scores = distinct_sids(beams, max(k, max(KS)))
+            items, item_scores = top_items(groups, scores, self.catalogue, max(k, max(KS)))
+            out_items.append(items)
+            out_scores.append(item_scores)
+            out_groups.append(groups)
+        result = {"items": np.concatenate(out_items), "scores": np.concatenate(out_scores),
+                  "groups": np.concatenate(out_groups)}
+        if queries.targets is not None:
+            for level, ranked, truth in (("item", result["items"], queries.targets),
+                                         ("sid", result["groups"], self.item_group[queries.targets])):
+                for name, values in per_user(ranked, truth).items():
+                    result[f"{level}/{name}"] = values
+        return result
+
+    def _batch(self, q: Queries, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = len(q), self.sids.shape[1]
+        lengths = np.minimum(np.diff(q.offsets), length)
+        history = torch.zeros(b, length, n, dtype=torch.long)
+        mask = torch.zeros(b, length, dtype=torch.bool)
+        rows = np.repeat(np.arange(b), lengths)
+        slot = length - np.repeat(lengths, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        take = np.repeat(q.offsets[1:] - lengths, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        history[rows, slot] = self.sids[q.history[take]]
+        mask[rows, slot] = True
+        return history, mask
+
+
+def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: ExperimentConfig,
+                     beam: int) -> tuple[dict[str, np.ndarray], int]:
+    """Runs ``Ranker.rank`` over chunks, on a Ray actor pool or in this process."""
+    chunk = max(1, cfg.eval.batch_size * 4)
+    bounds = [(s, min(s + chunk, len(queries))) for s in range(0, len(queries), chunk)]
+    if cfg.eval.launcher == "local":
+        ranker = Ranker(**make_ranker)
+        parts = [ranker.rank(queries.chunk(s, e), beam) for s, e in bounds]
+        actors = 0
+    else:
+        import ray
+        from ray.util import ActorPool
+
+        from diffgrm_dist.raycluster import ray_session
+
+        with ray_session() as resources:
+            actors = cfg.eval.num_actors or max(1, resources.gpus or resources.cpus)
+            actors = max(1, min(actors, len(bounds)))
+            options = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
+                       {"num_cpus": max(1, resources.cpus // actors)})
+            shared = {key: ray.put(value) if isinstance(value, np.ndarray) else value
+                      for key, value in make_ranker.items()}
+            shared["threads"] = 0 if resources.gpus else int(options["num_cpus"])
+            pool_actors = [ray.remote(**options)(Ranker).remote(**shared) for _ in range(actors)]
+            try:
+                pool = ActorPool(pool_actors)
+                parts = list(pool.map(lambda a, b: a.rank.remote(queries.chunk(*b), beam), bounds))
+            finally:
+                for actor in pool_actors:
+                    ray.kill(actor)
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
+    return merged, actors
+
+
+def ranker_args(cfg: ExperimentConfig, run_dir: Any) -> dict[str, Any]:
+    tokenize_dir = run_dir.stage_path("tokenize")
+    codes, sizes = load_sid_matrix(tokenize_dir)
+    sids = pq.read_table(tokenize_dir / "sids.parquet", columns=["item", "collision_rank"])
+    rank = sids["collision_rank"].to_numpy()[np.argsort(sids["item"].to_numpy())]
+    decoder = json.loads((run_dir.stage_path("train") / "model_config.json").read_text())["model"]["decoder"]
+    return {"model_dir": str(run_dir.stage_path("train")), "codes": codes.astype(np.int64),
+            "sizes": tuple(sizes), "collision_rank": rank, "eval_cfg": cfg.eval, "decoder": decoder}
+
+
+def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, Any]:
+    from diffgrm_dist.train import popularity_baseline
+
+    prepare_dir = run_dir.stage_path("prepare")
+    queries = Queries.from_split(prepare_dir, cfg.eval.split)
+    args = ranker_args(cfg, run_dir)
+    start = time.perf_counter()
+    result, actors = _rank_everywhere(queries, args, cfg, cfg.eval.beam_size)
+    decode_s = time.perf_counter() - start
+    metrics: dict[str, Any] = {"item": {}, "sid": {}}
+    for key in sorted(k for k in result if "/" in k):
+        level, name = key.split("/")
+        metrics[level][name] = float(result[key].sum()) / len(queries)
+    metrics["popularity"] = popularity_baseline(prepare_dir, cfg.eval.split)
+    metrics.update({"split": cfg.eval.split, "users": len(queries), "beam": cfg.eval.beam_size,
+                    "decoder": args["decoder"], "final_step": cfg.eval.final_step,
+                    "fill_order": cfg.eval.fill_order, "actors": actors,
+                    "decode_s": round(decode_s, 3), "users_per_s": round(len(queries) / decode_s, 2)})
+    write_rankings(out / "rankings.parquet", queries.users, result["items"][:, :cfg.eval.top_k],
+                   result["scores"][:, :cfg.eval.top_k], prepare_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    stats = {"users": len(queries), "users_per_s": metrics["users_per_s"], "decode_s": metrics["decode_s"],
+             **{f"item_{k}": v for k, v in metrics["item"].items()},
+             **{f"sid_{k}": v for k, v in metrics["sid"].items()},
+             **{f"popularity_{k}": v for k, v in metrics["popularity"].items()}}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def write_rankings(path: Path, users: np.ndarray, items: np.ndarray, scores: np.ndarray,
+                   prepare_dir: Path) -> None:
+    """Long table, one row per (user, rank), with the dataset's own user and item ids."""
+    user_ids = pq.read_table(prepare_dir / "sequences.parquet", columns=["user_id"])["user_id"]
+    item_ids = pq.read_table(prepare_dir / "items.parquet", columns=["item_id"])["item_id"]
+    valid = items >= 0
+    rows, ranks = np.nonzero(valid)
+    table = pa.table({"user": pc.take(user_ids, pa.array(users[rows])),
+                      "rank": pa.array((ranks + 1).astype(np.int32)),
+                      "item": pc.take(item_ids, pa.array(items[rows, ranks])),
+                      "score": pa.array(scores[rows, ranks].astype(np.float32))})
+    pq.write_table(table, path)
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+def recommend(cfg: ExperimentConfig, run_dir: Any, histories: list[list[str]]) -> list[list[dict[str, Any]]]:
+    """Top-K items (id, text, score) for each history of the dataset's own item ids."""
+    prepare_dir = run_dir.stage_path("prepare")
+    for stage in ("prepare", "tokenize", "train"):
+        if run_dir.manifest(stage) is None:
+            raise DataError(run_dir.stage_path(stage), f"run the {stage} stage first")
+    items = pq.read_table(prepare_dir / "items.parquet")
+    index = {item_id: i for i, item_id in enumerate(items["item_id"].to_pylist())}
+    flat, offsets = [], [0]
+    for h, history in enumerate(histories):
+        for item_id in history:
+            if item_id not in index:
+                raise DataError("--history", f"unknown item id {item_id!r} (history {h + 1})")
+            flat.append(index[item_id])
+        offsets.append(len(flat))
+    queries = Queries(np.arange(len(histories)), np.asarray(offsets, np.int64),
+                      np.asarray(flat, np.int64), None)
+    ranker = Ranker(**ranker_args(cfg, run_dir))
+    result = ranker.rank(queries, cfg.eval.beam_size)
+    texts, ids = items["text"].to_pylist(), items["item_id"].to_pylist()
+    return [[{"rank": r + 1, "item_id": ids[i], "score": float(s), "text": texts[i]}
+             for r, (i, s) in enumerate(zip(row_items[:cfg.eval.top_k], row_scores)) if i >= 0]
+            for row_items, row_scores in zip(result["items"], result["scores"])]
+
+
+def read_history_file(path: Path) -> list[list[str]]:
+    """One history per line: item ids separated by spaces (blank lines skipped)."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    return [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+

@@ -1,0 +1,134 @@
+"""CPD / AR beam search, the catalogue index, item mapping and metrics, by hand and by brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from diffgrm_dist.config import ModelConfig
+from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
+from diffgrm_dist.metrics import per_user, popularity_ranking, selection_score
+from diffgrm_dist.model import DiffGRM, SidSpec
+
+SIZES = (8, 8, 8)
+
+
+def tiny_model(decoder_layers=2):
+    torch.manual_seed(0)
+    return DiffGRM(ModelConfig(d_model=32, heads=2, ffn=64, decoder_layers=decoder_layers, dropout=0.0),
+                   SidSpec(SIZES, 6)).eval()
+
+
+def memory_for(model, users=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, 8, (users, 6, 3), generator=g)
+    mask = torch.ones(users, 6, dtype=torch.bool)
+    mask[:, :2] = False
+    return model.encode(history, mask)
+
+
+@pytest.fixture(scope="module")
+def codes():
+    rng = np.random.default_rng(0)
+    return np.unique(rng.integers(0, 8, (25, 3)), axis=0)
+
+
+@pytest.mark.parametrize("dense_limit", [1 << 26, 1])
+def test_catalogue_knows_exactly_the_existing_partial_patterns(codes, dense_limit):
+    cat = Catalogue(codes, SIZES, dense_limit=dense_limit)
+    existing = {(s, tuple(c[d] if s >> d & 1 else 0 for d in range(3)))
+                for c in codes.tolist() for s in range(1, 8)}
+    for s in range(1, 8):
+        filled = torch.tensor([bool(s >> d & 1) for d in range(3)])
+        for vals in itertools.product(range(8), repeat=3):
+            if any(vals[d] for d in range(3) if not s >> d & 1):
+                continue
+            found = cat.lookup(cat.subset_of(filled), cat.index_of(torch.tensor(vals), filled)).item() != -1
+            assert found == ((s, vals) in existing), (s, vals)
+
+
+def test_cpd_returns_only_existing_codes_sorted(codes):
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    existing = set(map(tuple, codes.tolist()))
+    for final_step in ("global", "greedy"):
+        beams = cpd(model, memory_for(model), cat, beam=16, final_step=final_step)
+        kept = beams.groups >= 0
+        assert all(tuple(c) in existing for c in beams.codes[kept].tolist())
+        assert (beams.scores[:, 1:] <= beams.scores[:, :-1]).all()
+        groups, scores = distinct_sids(beams, 10)
+        for row, row_scores in zip(groups, scores):
+            real = row[row >= 0]
+            assert len(set(real.tolist())) == len(real)  # no code twice
+            assert (np.diff(row_scores[row >= 0]) <= 0).all()
+
+
+def test_cpd_with_a_huge_beam_equals_exhaustive_scoring(codes):
+    """With B above every path count, CPD keeps every (code, fill order) path, so its
+    deduplicated ranking equals the best path score of every code, computed by brute force."""
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    memory = memory_for(model, users=2)
+    beams = cpd(model, memory, cat, beam=100_000)
+    groups, scores = distinct_sids(beams, len(codes))
+
+    n = 3
+    for user in range(2):
+        mem = memory.select(torch.tensor([user]))
+        best = {}
+        for code in codes.tolist():
+            for order in itertools.permutations(range(n)):
+                filled = torch.zeros(1, n, dtype=torch.bool)
+                total = 0.0
+                for digit in order:
+                    logp = torch.log_softmax(model.denoise(mem, torch.tensor([code]), ~filled), -1)
+                    total += logp[0, digit, code[digit]].item()
+                    filled[0, digit] = True
+                best[tuple(code)] = max(best.get(tuple(code), -np.inf), total)
+        expected = sorted(best.items(), key=lambda kv: -kv[1])
+        got_codes = [tuple(codes[cat.item_list[cat.item_offsets[g]]].tolist()) for g in groups[user]]
+        assert [c for c, _ in expected] == got_codes
+        np.testing.assert_allclose(scores[user], [v for _, v in expected], rtol=1e-4, atol=1e-4)
+
+
+def test_random_fixed_order_fills_in_that_order(codes):
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    order = torch.tensor([2, 0, 1])
+    beams = cpd(model, memory_for(model), cat, beam=8, fill_order=order)
+    assert (beams.groups >= 0).any()
+    assert all(tuple(c) in set(map(tuple, codes.tolist())) for c in beams.codes[beams.groups >= 0].tolist())
+
+
+def test_ar_beam_search_with_a_huge_beam_equals_exhaustive_left_to_right(codes):
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    memory = memory_for(model, users=1)
+    beams = ar_beam_search(model, memory, cat, beam=100_000)
+    groups, scores = distinct_sids(beams, len(codes))
+    totals = []
+    for code in codes.tolist():
+        logp = torch.log_softmax(model.autoregress(memory, torch.tensor([code[:2]])), -1)[0]
+        totals.append(sum(logp[d, code[d]].item() for d in range(3)))
+    expected = np.sort(np.array(totals))[::-1]
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_top_items_expands_collisions_in_rank_order():
+    codes = np.array([[0, 0, 1], [1, 1, 1], [0, 0, 1], [2, 2, 2]])
+    cat = Catalogue(codes, SIZES, collision_rank=np.array([0, 0, 1, 0]))
+    g = cat.groups_of(torch.tensor([[0, 0, 1], [2, 2, 2], [1, 1, 1]])).numpy()
+    groups = np.array([[g[0], g[1], g[2]]])
+    scores = np.array([[-1.0, -2.0, -3.0]], dtype=np.float32)
+    items, item_scores = top_items(groups, scores, cat, k=3)
+    assert items.tolist() == [[0, 2, 3]]  # the shared code's two items, then the next code
+    assert item_scores.tolist() == [[-1.0, -1.0, -2.0]]
+
+
+def test_metrics_by_hand():
+    ranked = np.array([[5, 3, 9, -1], [1, 2, 3, 4], [7, 7, 7, 7]])
+    truth = np.array([3, 9, 7])
+    m = per_user(ranked, truth, ks=(1, 2, 4))
+    assert m["recall@1"].tolist() == [0, 0, 1]
+    assert m["recall@2"].tolist() == [1, 0, 1]
+    np.testing.assert_allclose(m["ndcg@2"], [1 / np.log2(3), 0, 1])
+    np.testing.assert_allclose(m["ndcg@4"], [1 / np.log2(3), 0, 1])
+    assert selection_score({"ndcg@10": 0.5, "recall@10": 1.0}) == pytest.approx(0.6)
+    assert popularity_ranking(np.array([2, 2, 1, 0, 2, 1]), 4, 3).tolist() == [2, 1, 0]
