@@ -56,10 +56,14 @@ def render_text(fields: pa.Table, template: list[str], separator: str,
         if not any(isinstance(p, pa.ChunkedArray) for p in pieces):
             pieces.append(pa.chunked_array([pa.array([""] * n, pa.string())]))
         segments.append(pc.binary_join_element_wise(*pieces, ""))
-    if len(segments) == 1:  # pyarrow drops null rows when joining a single column
-        text = segments[0]
-    else:
-        text = pc.binary_join_element_wise(*segments, separator, null_handling="skip")
+    # pyarrow's join with null_handling="skip" drops (!) rows whose values are all null,
+    # so such rows get an empty first segment instead.
+    all_null = segments[0].is_null()
+    for segment in segments[1:]:
+        all_null = pc.and_(all_null, segment.is_null())
+    segments[0] = pc.if_else(all_null, pa.scalar("", pa.string()), segments[0])
+    text = (segments[0] if len(segments) == 1 else
+            pc.binary_join_element_wise(*segments, separator, null_handling="skip"))
     text = pc.fill_null(text, "")
     if max_chars > 0:
         text = pc.utf8_slice_codeunits(text, 0, max_chars)

@@ -123,19 +123,16 @@ def _read_new_items(path: Path, template: list[str]) -> tuple[list[str], list[st
             if not isinstance(record, dict) or not record.get("item_id"):
                 raise DataError(path, "missing", line=number, field="item_id")
             rows.append({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in record.items()})
-        table = pa.Table.from_pylist(rows) if rows else pa.table({"item_id": pa.array([], pa.string())})
+        columns = list(dict.fromkeys(["item_id", *(k for row in rows for k in row)]))  # all rows' keys
+        table = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in columns]))
     if "item_id" not in table.column_names:
         raise DataError(path, "missing column", field="item_id")
-    if "text" in table.column_names:
-        texts = table["text"]
-    else:
-        missing = [f for f in template_fields(template) if f not in table.column_names]
-        if missing:
-            raise DataError(path, f"needs a 'text' column or the template's fields {missing}",
-                            field="text")
-        texts = render_text(table, template, " ", 0)
+    given = table["text"].to_pylist() if "text" in table.column_names else [None] * table.num_rows
+    rendered: list[str | None] = [None] * table.num_rows
+    if not all(given) and all(f in table.column_names for f in template_fields(template)):
+        rendered = render_text(table, template, " ", 0).to_pylist()
     ids = [str(v) for v in table["item_id"].to_pylist()]
-    texts_list = ["" if t is None else t for t in texts.to_pylist()]
+    texts_list = [g or r or "" for g, r in zip(given, rendered)]  # `text`, else the template
     for i, text in enumerate(texts_list):
         if not text.strip():
             raise DataError(path, f"item {ids[i]!r} has no text", line=i + 1, field="text")

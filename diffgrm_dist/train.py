@@ -418,9 +418,7 @@ def run_train(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     if cfg.train.launcher == "local":
         config["threads"] = os.cpu_count() or 1
-        train_worker(config)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        train_worker(config)  # the one-rank group stays: DeepSpeed keeps a handle on it
         final = LocalReporter(work / "local").latest()
     elif cfg.train.launcher == "ray":
         final = _launch_ray(cfg, config, work)

@@ -26,7 +26,7 @@ def trained(tiny_run, tmp_path_factory):
 @pytest.mark.slow
 def test_ray_actor_pool_equals_single_process(trained, tmp_path, run_cli):
     runs = {}
-    for name, overrides in (("local", ["eval.launcher=local"]),
+    for name, overrides in (("local", ["eval.launcher=local", "eval.batch_size=16"]),
                             ("ray", ["eval.launcher=ray", "eval.num_actors=2", "eval.batch_size=16"])):
         run = tmp_path / name
         shutil.copytree(trained, run)
@@ -37,9 +37,12 @@ def test_ray_actor_pool_equals_single_process(trained, tmp_path, run_cli):
     b = json.loads((runs["ray"] / "evaluate" / "metrics.json").read_text())
     assert a["item"] == b["item"] and a["sid"] == b["sid"]
     assert b["actors"] == 2 and a["actors"] == 0
-    ra = pq.read_table(runs["local"] / "evaluate" / "rankings.parquet")
-    rb = pq.read_table(runs["ray"] / "evaluate" / "rankings.parquet")
-    assert ra.equals(rb)
+    ra = pq.read_table(runs["local"] / "evaluate" / "rankings.parquet").to_pydict()
+    rb = pq.read_table(runs["ray"] / "evaluate" / "rankings.parquet").to_pydict()
+    for column in ("user", "rank", "item"):
+        assert ra[column] == rb[column]
+    # Actors run with fewer threads: float sums may differ in the last bits, never the ranking.
+    np.testing.assert_allclose(ra["score"], rb["score"], rtol=1e-5)
 
 
 def test_outputs(trained, tmp_path, run_cli):

@@ -24,3 +24,8 @@ def test_template_field_checks():
         template_fields(["{title!r}"])
     with pytest.raises(ConfigError, match="not provided"):
         render_text(pa.table({"title": ["x"]}), ["{genres}"], " ", 0)
+
+
+def test_rows_with_every_field_empty_are_kept_in_place():
+    fields = pa.table({"a": ["x", None, "", "y"], "b": [None, None, "z", "w"]})
+    assert render_text(fields, ["{a}", "{b}"], "; ", 0).to_pylist() == ["x", "", "z", "y; w"]
