@@ -61,7 +61,8 @@ class RunDir:
     """A run's folder; hands out atomic stage folders and reads their manifests."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        # Absolute: Ray workers and actors run in their own working directories.
+        self.root = Path(root).resolve()
 
     def stage_path(self, stage: str) -> Path:
         return self.root / stage

@@ -49,3 +49,8 @@ def test_upstream_change_invalidates_downstream(tmp_path):
         (out / "x").write_text("2")
     again = StageRecord("down", "d", {"stage:up": run_dir.manifest_hash("up")})
     assert not run_dir.is_current(again)
+
+
+def test_relative_run_dir_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert RunDir("runs/x").root == tmp_path / "runs" / "x"
