@@ -33,7 +33,55 @@ def _parser() -> argparse.ArgumentParser:
                            help="assign SIDs to new items (JSONL/Parquet with item_id and text "
                                 "or the template's fields) with the saved quantiser")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p = sub.add_parser("submit", help="run a stage or the pipeline as a Ray Job on a cluster")
+    p.add_argument("job_stage", metavar="STAGE", choices=[*PIPELINE, "pipeline"])
+    p.add_argument("-c", "--config", required=True, help="config path, relative to the project")
+    p.add_argument("-o", "--run-dir", required=True, help="absolute run directory on the cluster")
+    p.add_argument("--address", required=True, help="Jobs API address, http://HEAD:8265")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the job (secret values are never printed)")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    for name, what in (("status", "print a job's status"), ("stop", "stop a job")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("job_id")
+        p.add_argument("--address", required=True, help="Jobs API address, http://HEAD:8265")
     return parser
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    """submit / status / stop through the Ray Jobs SDK; exit 0 only for a job that succeeded."""
+    from pathlib import Path
+
+    from diffgrm_dist import submit as jobs
+    from diffgrm_dist.config import find_project_root
+    from diffgrm_dist.errors import ConfigError
+
+    if args.stage == "status":
+        print(jobs.status(args.address, args.job_id))
+        return 0
+    if args.stage == "stop":
+        print("stopped" if jobs.stop(args.address, args.job_id) else "was not running")
+        return 0
+    load_config(args.config, args.overrides)  # fail here, not on the cluster
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--env {name!r}: expected NAME=VALUE")
+        env[name] = value
+    try:
+        entrypoint = jobs.entrypoint_for(args.job_stage, args.config, args.run_dir, args.overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    root = find_project_root(Path(args.config).resolve().parent)
+    job_id = jobs.submit(args.address, entrypoint, str(root), env)
+    print(f"submitted {job_id}: {entrypoint}  env={jobs.redact(env)}", flush=True)
+    if args.no_follow:
+        return 0
+    state = jobs.follow(args.address, job_id)
+    print(f"job {job_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
 
 
 def _print_stats(stage: str, stats: dict[str, Any]) -> None:
@@ -61,10 +109,17 @@ def _recommend(cfg, run_dir: RunDir, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.stage == "submit" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides after the options: argparse leaves them over
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        if args.stage in ("submit", "status", "stop"):
+            return _jobs(args)
         cfg = load_config(args.config, args.overrides)
         run_dir = RunDir(args.run_dir)
         if args.stage == "pipeline":

@@ -81,6 +81,7 @@ class EmbedReport:
     embedded_shards: int
     reused_shards: int
     actors: int
+    nodes: list[str]  # Ray node ids the actors ran on
     seconds: float
     items_per_s: float
     cache_dir: str
@@ -88,7 +89,7 @@ class EmbedReport:
 
 def cache_key(model: str, texts_digest: str, shard_items: int) -> str:
     payload = json.dumps({"model": model, "texts": texts_digest, "shard_items": shard_items,
-                          "normalised": True})
+                          "normalised": True, "order": "by_length"})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -127,27 +128,33 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from diffgrm_dist.raycluster import ray_session
+    from diffgrm_dist.raycluster import cpus_per_worker, ray_session
 
     start = time.perf_counter()
     n = len(texts)
+    # Shards hold texts of similar length (a stable sort by length), so batches inside an
+    # actor carry little padding; rows go back to catalogue order at the end.
+    by_length = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=n), kind="stable")
+    folder = cache_root / cache_key(cfg.model, texts_digest(texts), cfg.shard_items)
+    texts = [texts[i] for i in by_length]
     bounds = list(range(0, n, cfg.shard_items)) + [n]
     n_shards = len(bounds) - 1
-    folder = cache_root / cache_key(cfg.model, texts_digest(texts), cfg.shard_items)
     folder.mkdir(parents=True, exist_ok=True)
     missing = [s for s in range(n_shards) if not _finished(folder, s, bounds[s + 1] - bounds[s])]
     actors_used = 0
+    nodes: list[str] = []
     if missing:
         with ray_session() as resources:
             actors_used = cfg.num_actors or max(1, resources.gpus or resources.cpus)
             actors_used = min(actors_used, len(missing))
             per_actor = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
-                         {"num_cpus": max(1, resources.cpus // actors_used)})
+                         {"num_cpus": cpus_per_worker(resources, actors_used)})
             threads = int(per_actor["num_cpus"]) if not resources.gpus else 0
             remote = ray.remote(**per_actor)(EmbedWorker)
             actors = [remote.remote(cfg.model, cfg.batch_size, threads) for _ in range(actors_used)]
-            log.info("embedding %d of %d shards on %d actor(s) (%s each)", len(missing), n_shards,
-                     actors_used, per_actor)
+            nodes = sorted(set(ray.get([a.node.remote() for a in actors])))
+            log.info("embedding %d of %d shards on %d actor(s) (%s each) on %d node(s): %s",
+                     len(missing), n_shards, actors_used, per_actor, len(nodes), nodes)
             try:
                 pool = ActorPool(actors)
                 todo = ((s, texts[bounds[s]:bounds[s + 1]]) for s in missing)
@@ -161,12 +168,15 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
                 for actor in actors:
                     ray.kill(actor)
     parts = [np.load(shard_path(folder, s)) for s in range(n_shards)]
-    embeddings = np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, 0), np.float32)
+    embeddings = np.zeros((0, 0), np.float32)
+    if parts:
+        embeddings = np.empty((n, parts[0].shape[1]), dtype=np.float32)
+        embeddings[by_length] = np.concatenate(parts)
     seconds = time.perf_counter() - start
     embedded_items = sum(bounds[s + 1] - bounds[s] for s in missing)
     report = EmbedReport(dim=int(embeddings.shape[1]) if n else 0, shards=n_shards,
                          embedded_shards=len(missing), reused_shards=n_shards - len(missing),
-                         actors=actors_used, seconds=round(seconds, 3),
+                         actors=actors_used, nodes=nodes, seconds=round(seconds, 3),
                          items_per_s=round(embedded_items / seconds, 1) if missing else 0.0,
                          cache_dir=str(folder))
     return embeddings, report

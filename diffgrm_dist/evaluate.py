@@ -79,6 +79,11 @@ class Ranker:
         self.fill_order = (torch.from_numpy(np.random.default_rng(eval_cfg.seed).permutation(len(sizes)))
                            if eval_cfg.fill_order == "random" else None)
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def rank(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
         k = self.cfg.top_k
@@ -134,17 +139,19 @@ def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: Experim
         import ray
         from ray.util import ActorPool
 
-        from diffgrm_dist.raycluster import ray_session
+        from diffgrm_dist.raycluster import cpus_per_worker, ray_session
 
         with ray_session() as resources:
             actors = cfg.eval.num_actors or max(1, resources.gpus or resources.cpus)
             actors = max(1, min(actors, len(bounds)))
             options = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
-                       {"num_cpus": max(1, resources.cpus // actors)})
+                       {"num_cpus": cpus_per_worker(resources, actors)})
             shared = {key: ray.put(value) if isinstance(value, np.ndarray) else value
                       for key, value in make_ranker.items()}
             shared["threads"] = 0 if resources.gpus else int(options["num_cpus"])
             pool_actors = [ray.remote(**options)(Ranker).remote(**shared) for _ in range(actors)]
+            nodes = sorted(set(ray.get([a.node.remote() for a in pool_actors])))
+            log.info("evaluating on %d actor(s) on %d node(s): %s", actors, len(nodes), nodes)
             try:
                 pool = ActorPool(pool_actors)
                 parts = list(pool.map(lambda a, b: a.rank.remote(queries.chunk(*b), beam), bounds))

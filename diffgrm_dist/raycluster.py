@@ -21,6 +21,7 @@ class ClusterResources:
     cpus: int
     gpus: int
     nodes: int
+    max_node_cpus: int  # a task or actor cannot span nodes: the most CPUs one can ask for
 
 
 @contextlib.contextmanager
@@ -49,6 +50,12 @@ def cluster_resources() -> ClusterResources:
     import ray
 
     total = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    max_node_cpus = max((int(n.get("Resources", {}).get("CPU", 0)) for n in alive), default=0)
     return ClusterResources(cpus=int(total.get("CPU", 0)), gpus=int(total.get("GPU", 0)),
-                            nodes=nodes)
+                            nodes=len(alive), max_node_cpus=max_node_cpus)
+
+
+def cpus_per_worker(resources: ClusterResources, workers: int) -> int:
+    """An even share of the cluster's CPUs that still fits on one node."""
+    return max(1, min(resources.cpus // max(workers, 1), resources.max_node_cpus or 1))

@@ -449,12 +449,12 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], work: Path) -> Pa
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from diffgrm_dist.raycluster import ray_session
+    from diffgrm_dist.raycluster import cpus_per_worker, ray_session
 
     with ray_session() as resources:
         use_gpu = cfg.train.use_gpu and resources.gpus > 0
         workers = cfg.train.num_workers or max(1, resources.gpus if use_gpu else 1)
-        cpus = max(1, resources.cpus // workers) if not use_gpu else 1
+        cpus = cpus_per_worker(resources, workers) if not use_gpu else 1
         config["threads"] = cpus
         storage = work / "ray"
         run_name = "train"

