@@ -32,7 +32,7 @@ NEG_INF = float("-inf")
 class KeyTable:
     """Open-addressing hash table of int64 keys -> int64 values, with vectorised look-ups.
 
-    Capacity is a power of two >= 2x the keys (so memory is linear in the keys); linear
+    Capacity is a power of two >= 3x the keys (so memory is linear in the keys); linear
     probing; ``probes`` is the longest probe sequence any key needed, which bounds the work
     of a look-up (O(1) expected).
     """
@@ -41,7 +41,7 @@ class KeyTable:
 
     def __init__(self, keys: np.ndarray, values: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        capacity = 1 << max(4, int(np.ceil(np.log2(max(1, len(keys)) * 2))))  # load <= 1/2
+        capacity = 1 << max(4, int(np.ceil(np.log2(max(1, len(keys)) * 3))))  # load <= 1/3
         self.mask = capacity - 1
         self.keys = np.full(capacity, -1, dtype=np.int64)
         self.values = np.full(capacity, -1, dtype=np.int64)
@@ -188,7 +188,7 @@ class Catalogue:
         """For beams (..., n) with ``filled`` digits: (..., n, K) whether filling digit j with
         code c gives a pattern some item has (False where j is filled or c out of range)."""
         t = self.tensors(codes.device)
-        n, k = self.digits, max(self.sizes)
+        k = max(self.sizes)
         new_subset = self.subset_of(filled)[..., None] | t["bits"]  # (..., n)
         strides = t["subset_strides"][new_subset]  # (..., n, n): strides in the new subset
         base = (codes[..., None, :] * strides * filled[..., None, :].long()).sum(-1)  # (..., n)

@@ -30,7 +30,7 @@ import torch
 from diffgrm_dist.config import EvalConfig, ExperimentConfig
 from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
 from diffgrm_dist.errors import DataError
-from diffgrm_dist.metrics import KS, per_user, summarise
+from diffgrm_dist.metrics import KS, per_user
 from diffgrm_dist.shard import load_sid_matrix
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from diffgrm_dist.config import ExperimentConfig, PrepareConfig
 from diffgrm_dist.errors import DataError
-from diffgrm_dist.readers import RawData, read_raw
+from diffgrm_dist.readers import read_raw
 from diffgrm_dist.text import render_text
 
 log = logging.getLogger(__name__)

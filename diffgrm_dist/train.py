@@ -23,7 +23,6 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import os
 import shutil
 import socket

@@ -62,7 +62,7 @@ def test_split_counts_and_no_leakage():
         assert seq[t] == target and seq[max(0, t - 20):t] == hist
     assert all(pos_in_user.get(u, 0) == len(s) - 3 for u, s in enumerate(seqs))
     # Valid/test targets are the last two items; their histories the prefixes before them.
-    for (u, s), v, te in zip(enumerate(seqs), p.valid.to_pylist(), p.test.to_pylist()):
+    for s, v, te in zip(seqs, p.valid.to_pylist(), p.test.to_pylist()):
         assert v["target"] == s[-2] and te["target"] == s[-1]
         assert v["history"] == s[:-2][-20:] and te["history"] == s[:-1][-20:]
 

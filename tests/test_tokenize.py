@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS
 from diffgrm_dist.config import load_config
 from diffgrm_dist.embed import load_model, encode
 from diffgrm_dist.quantize import Quantizer
@@ -60,7 +60,10 @@ def test_embeddings_are_the_models_own(tiny_run):
 def test_sids_match_the_saved_quantizer(tiny_run):
     quantizer, meta = Quantizer.load(tiny_run / "tokenize" / "quantizer")
     cache = next((tiny_run / "embeddings").iterdir())
-    emb = np.concatenate([np.load(p) for p in sorted(cache.glob("shard-*.npy"))])
+    texts = pq.read_table(tiny_run / "prepare" / "items.parquet")["text"].to_pylist()
+    by_length = np.argsort([len(t) for t in texts], kind="stable")  # the shards' row order
+    emb = np.empty((len(texts), 384), dtype=np.float32)
+    emb[by_length] = np.concatenate([np.load(p) for p in sorted(cache.glob("shard-*.npy"))])
     sids = pq.read_table(tiny_run / "tokenize" / "sids.parquet")
     codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(3)], axis=1)
     assert np.array_equal(quantizer.encode(emb), codes)

@@ -120,7 +120,7 @@ def main() -> None:
     baseline_per_thread = {cpus: plain_all, 1: plain_one}
     embed_rows = [
         {"name": f"plain encode ({cpus} threads)", **plain_all, "ratio": 1.0},
-        {"name": f"plain encode (1 thread)", **plain_one,
+        {"name": "plain encode (1 thread)", **plain_one,
          "ratio": plain_one["items_per_s"] / plain_all["items_per_s"]},
         {"name": f"ray pool, 1 actor x {cpus} threads", **pool_one,
          "ratio": pool_one["items_per_s"] / plain_all["items_per_s"],
