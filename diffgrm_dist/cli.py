@@ -10,7 +10,7 @@ from typing import Any
 
 from diffgrm_dist.config import load_config
 from diffgrm_dist.errors import DiffGRMError
-from diffgrm_dist.rundir import RunDir
+from diffgrm_dist.rundir import RunDir, display_uri, is_uri
 from diffgrm_dist.stages import PIPELINE, run_stage
 
 log = logging.getLogger("diffgrm")
@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         helps = {"pipeline": "run every stage in order, skipping those already current"}
         p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
         p.add_argument("-c", "--config", required=True, help="experiment YAML (configs/*.yaml)")
-        p.add_argument("-o", "--run-dir", required=True, help="run directory for the artifacts")
+        p.add_argument("-o", "--run-dir", required=True,
+                       help="run directory for the artifacts: a path, or a URI such as s3://bucket/runs/x")
         p.add_argument("--force", action="store_true", help="re-run even if the manifest is current")
         if name == "recommend":
             p.add_argument("--history", nargs="+", metavar="ITEM_ID", help="one history, oldest first")
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="run a stage or the pipeline as a Ray Job on a cluster")
     p.add_argument("job_stage", metavar="STAGE", choices=[*PIPELINE, "pipeline"])
     p.add_argument("-c", "--config", required=True, help="config path, relative to the project")
-    p.add_argument("-o", "--run-dir", required=True, help="absolute run directory on the cluster")
+    p.add_argument("-o", "--run-dir", required=True,
+                   help="run directory every node reaches: s3://..., gs://... or an absolute shared path")
     p.add_argument("--address", required=True, help="Jobs API address, http://HEAD:8265")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable for the job (secret values are never printed)")
@@ -76,7 +78,9 @@ def _jobs(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from exc
     root = find_project_root(Path(args.config).resolve().parent)
     job_id = jobs.submit(args.address, entrypoint, str(root), env)
-    print(f"submitted {job_id}: {entrypoint}  env={jobs.redact(env)}", flush=True)
+    shown = jobs.entrypoint_for(args.job_stage, args.config, display_uri(args.run_dir)
+                                if is_uri(args.run_dir) else args.run_dir, args.overrides)
+    print(f"submitted {job_id}: {shown}  env={jobs.redact(env)}", flush=True)
     if args.no_follow:
         return 0
     state = jobs.follow(args.address, job_id)

@@ -64,14 +64,16 @@ class Queries:
 class Ranker:
     """One model replica + the catalogue index; ranks chunks of users. Also a Ray actor body."""
 
-    def __init__(self, model_dir: str, codes: np.ndarray, sizes: tuple[int, ...],
+    def __init__(self, run_dir: str, codes: np.ndarray, sizes: tuple[int, ...],
                  collision_rank: np.ndarray, eval_cfg: EvalConfig, decoder: str, threads: int = 0) -> None:
+        from diffgrm_dist.rundir import RunDir
         from diffgrm_dist.train import load_exported
 
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_exported(Path(model_dir), self.device)
+        # The run's spec, not a local path: on another node this pulls the trained model.
+        self.model = load_exported(RunDir(run_dir).stage_path("train"), self.device)
         self.sids = torch.from_numpy(codes.astype(np.int64))
         self.catalogue = Catalogue(codes, sizes, collision_rank)
         self.item_group = self.catalogue.groups_of(self.sids).numpy()
@@ -127,14 +129,20 @@ class Ranker:
 
 
 def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: ExperimentConfig,
-                     beam: int) -> tuple[dict[str, np.ndarray], int]:
-    """Runs ``Ranker.rank`` over chunks, on a Ray actor pool or in this process."""
-    chunk = max(1, cfg.eval.batch_size * 4)
-    bounds = [(s, min(s + chunk, len(queries))) for s in range(0, len(queries), chunk)]
+                     beam: int) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """Runs ``Ranker.rank`` over chunks, on a Ray actor pool or in this process; returns the
+    merged results, the number of actors and the Ray node ids they ran on."""
+
+    def chunks(parts: int) -> list[tuple[int, int]]:
+        # At most 4 batches a chunk, and at least one chunk per actor.
+        size = max(1, min(cfg.eval.batch_size * 4, -(-len(queries) // parts)))
+        return [(s, min(s + size, len(queries))) for s in range(0, len(queries), size)]
+
     if cfg.eval.launcher == "local":
+        bounds = chunks(1)
         ranker = Ranker(**make_ranker)
         parts = [ranker.rank(queries.chunk(s, e), beam) for s, e in bounds]
-        actors = 0
+        actors, nodes = 0, []
     else:
         import ray
         from ray.util import ActorPool
@@ -143,6 +151,7 @@ def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: Experim
 
         with ray_session() as resources:
             actors = cfg.eval.num_actors or max(1, resources.gpus or resources.cpus)
+            bounds = chunks(actors)
             actors = max(1, min(actors, len(bounds)))
             options = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
                        {"num_cpus": cpus_per_worker(resources, actors)})
@@ -159,7 +168,7 @@ def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: Experim
                 for actor in pool_actors:
                     ray.kill(actor)
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
-    return merged, actors
+    return merged, actors, nodes
 
 
 def ranker_args(cfg: ExperimentConfig, run_dir: Any) -> dict[str, Any]:
@@ -168,7 +177,7 @@ def ranker_args(cfg: ExperimentConfig, run_dir: Any) -> dict[str, Any]:
     sids = pq.read_table(tokenize_dir / "sids.parquet", columns=["item", "collision_rank"])
     rank = sids["collision_rank"].to_numpy()[np.argsort(sids["item"].to_numpy())]
     decoder = json.loads((run_dir.stage_path("train") / "model_config.json").read_text())["model"]["decoder"]
-    return {"model_dir": str(run_dir.stage_path("train")), "codes": codes.astype(np.int64),
+    return {"run_dir": run_dir.spec, "codes": codes.astype(np.int64),
             "sizes": tuple(sizes), "collision_rank": rank, "eval_cfg": cfg.eval, "decoder": decoder}
 
 
@@ -179,7 +188,7 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, An
     queries = Queries.from_split(prepare_dir, cfg.eval.split)
     args = ranker_args(cfg, run_dir)
     start = time.perf_counter()
-    result, actors = _rank_everywhere(queries, args, cfg, cfg.eval.beam_size)
+    result, actors, nodes = _rank_everywhere(queries, args, cfg, cfg.eval.beam_size)
     decode_s = time.perf_counter() - start
     metrics: dict[str, Any] = {"item": {}, "sid": {}}
     for key in sorted(k for k in result if "/" in k):
@@ -188,7 +197,7 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, An
     metrics["popularity"] = popularity_baseline(prepare_dir, cfg.eval.split)
     metrics.update({"split": cfg.eval.split, "users": len(queries), "beam": cfg.eval.beam_size,
                     "decoder": args["decoder"], "final_step": cfg.eval.final_step,
-                    "fill_order": cfg.eval.fill_order, "actors": actors,
+                    "fill_order": cfg.eval.fill_order, "actors": actors, "nodes": nodes,
                     "decode_s": round(decode_s, 3), "users_per_s": round(len(queries) / decode_s, 2)})
     write_rankings(out / "rankings.parquet", queries.users, result["items"][:, :cfg.eval.top_k],
                    result["scores"][:, :cfg.eval.top_k], prepare_dir)

@@ -87,15 +87,11 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
     stage = STAGES[name]
     record = stage_record(stage, cfg, run_dir)
     if not force and run_dir.is_current(record):
-        log.info("%s: up to date, skipped (%s)", name, run_dir.stage_path(name))
-        return _read_stats(run_dir.stage_path(name))
+        log.info("%s: up to date, skipped (%s/%s)", name, run_dir.display, name)
+        stats = run_dir.read_text(name, "stats.json")
+        return json.loads(stats) if stats else {}
     config = {"seed": cfg.seed, **{s: to_dict(getattr(cfg, s)) for s in stage.sections}}
     with run_dir.write_stage(record, config) as out:
         stats = stage.run(cfg, run_dir, out)
-    log.info("%s: written to %s", name, run_dir.stage_path(name))
+    log.info("%s: written to %s/%s", name, run_dir.display, name)
     return stats
-
-
-def _read_stats(stage_dir: Path) -> dict[str, Any]:
-    path = stage_dir / "stats.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

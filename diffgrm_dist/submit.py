@@ -20,6 +20,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from diffgrm_dist.rundir import is_uri
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -50,17 +52,18 @@ def entrypoint_for(stage: str, config: str, run_dir: str, overrides: Sequence[st
 
     The Jobs API runs the entrypoint through a shell, so every argument is quoted:
     overrides such as ``data.text_template=["Title: {title}"]`` must arrive intact.
-    ``run_dir`` must be an absolute path on storage every node mounts: the job runs in a
-    temporary copy of the working directory, so a relative run folder would be deleted
-    with it (``config`` may be relative: it is read from that copy).
+    ``run_dir`` must be a URI (``s3://``, ``gs://``: see :mod:`diffgrm_dist.rundir`) or an
+    absolute path on storage every node mounts: the job runs in a temporary copy of the
+    working directory, so a relative run folder would be deleted with it (``config`` may be
+    relative: it is read from that copy).
     """
     if not stage or stage.startswith("-"):
         raise ValueError(f"not a stage name: {stage!r}")
-    if not run_dir.startswith("/"):
-        raise ValueError(f"run_dir {run_dir!r}: give an absolute path on the cluster's shared "
-                         "file system (e.g. /mnt/diffgrm/runs/NAME); relative paths land in the "
-                         "job's temporary working directory and object-store URLs are not "
-                         "supported by the run directory")
+    if not (run_dir.startswith("/") or is_uri(run_dir)):
+        raise ValueError(f"run_dir {run_dir!r}: give a URI on storage every node reaches "
+                         "(s3://bucket/runs/NAME, gs://...) or an absolute path on a shared file "
+                         "system (/mnt/diffgrm/runs/NAME); relative paths land in the job's "
+                         "temporary working directory")
     args = ["diffgrm", stage, "-c", config, "-o", run_dir, *overrides]
     return shlex.join(args)
 

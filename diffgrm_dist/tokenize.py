@@ -171,6 +171,8 @@ def encode_new_items(cfg: ExperimentConfig, run_dir: RunDir, path: Path) -> Path
     tmp = folder / f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, target)
+    if run_dir.remote is not None:
+        run_dir.remote.upload(folder, "cold_start")
     return target
 
 

@@ -41,6 +41,7 @@ from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, t
 from diffgrm_dist.metrics import KS, per_user, selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.objectives import AutoregressiveObjective, DiffusionObjective
+from diffgrm_dist.rundir import RunDir
 from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream
 
 log = logging.getLogger(__name__)
@@ -226,13 +227,16 @@ def validate(model: DiffGRM, batches: BalancedBatches, catalogue: Catalogue, ite
 def train_worker(config: dict[str, Any]) -> None:
     """One rank's training loop (Ray Train worker or the local process)."""
     cfg: ExperimentConfig = config["cfg"]
-    shard_dir, out_dir = Path(config["shard_dir"]), Path(config["out_dir"])
+    run_dir = RunDir(config["run_dir"])  # on another node: pulls the stages it reads
+    shard_dir, out_dir = run_dir.stage_path("shard"), Path(config["out_dir"])
     launcher = config["launcher"]
     _skip_cpu_shm_build()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     if launcher == "local":
         init_local_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, _node_id(launcher))  # where the ranks run, for the stats
     reporter: Reporter = RayReporter() if launcher == "ray" else LocalReporter(Path(config["work_dir"]))
 
     torch.manual_seed(cfg.seed)
@@ -240,7 +244,7 @@ def train_worker(config: dict[str, Any]) -> None:
     train_set = ShardSet.load(shard_dir, "train")
     valid_set = ShardSet.load(shard_dir, "valid")
     spec = SidSpec(train_set.digit_sizes, train_set.max_history)
-    catalogue, item_group = load_catalogue(Path(config["tokenize_dir"]), spec.sizes)
+    catalogue, item_group = load_catalogue(run_dir.stage_path("tokenize"), spec.sizes)
     train_stream = ShardStream(train_set, rank, world, seed=cfg.shard.seed + cfg.seed, shuffle=True)
     train_batches = BalancedBatches(train_stream, max(1, cfg.train.batch_size // world), cfg.train.loader_workers)
     valid_batches = BalancedBatches(ShardStream(valid_set, rank, world, seed=0, shuffle=False),
@@ -296,6 +300,7 @@ def train_worker(config: dict[str, Any]) -> None:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         state["history"].append(record)
+        state["nodes"] = sorted(set(map(str, nodes)))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp)
             engine.save_checkpoint(str(ckpt), tag="ds")
@@ -315,6 +320,14 @@ def train_worker(config: dict[str, Any]) -> None:
             break
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def _node_id(launcher: str) -> str:
+    if launcher == "ray":
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
 
 
 def _full_model(engine: Any, model: DiffGRM, cfg: ExperimentConfig) -> DiffGRM:
@@ -404,15 +417,15 @@ def popularity_baseline(prepare_dir: Path, split: str) -> dict[str, float]:
     return summarise({k: float(v.sum()) for k, v in per_user(ranked, truth).items()}, len(truth))
 
 
-def run_train(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, Any]:
+def run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
     from diffgrm_dist.config import section_hash
 
     # Checkpoints of an interrupted run live here until the stage completes; the key ties
     # them to this config and these shards, so a changed config never resumes stale state.
     key = section_hash(cfg.seed, cfg.model, cfg.train, cfg.eval, run_dir.manifest_hash("shard"))
-    work = run_dir.root / "train.work" / key
-    config = {"cfg": cfg, "shard_dir": str(run_dir.stage_path("shard")),
-              "tokenize_dir": str(run_dir.stage_path("tokenize")), "out_dir": str(out),
+    work_rel = f"train.work/{key}"
+    work = run_dir.root / work_rel
+    config = {"cfg": cfg, "run_dir": run_dir.spec, "out_dir": str(out),
               "work_dir": str(work / "local"), "launcher": cfg.train.launcher}
     start = time.perf_counter()
     if cfg.train.launcher == "local":
@@ -420,7 +433,7 @@ def run_train(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, Any]:
         train_worker(config)  # the one-rank group stays: DeepSpeed keeps a handle on it
         final = LocalReporter(work / "local").latest()
     elif cfg.train.launcher == "ray":
-        final = _launch_ray(cfg, config, work)
+        final = _launch_ray(cfg, config, run_dir, work_rel)
     else:
         raise ValueError(f"train.launcher: {cfg.train.launcher!r} is not ray or local")
     if final is None:
@@ -436,15 +449,18 @@ def run_train(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, Any]:
     stats = {"epochs": state["epoch"], "best_epoch": state["best_epoch"],
              "best_score": state["best_score"], "parameters": load_exported(out).num_parameters(),
              "final_loss": state["history"][-1]["loss"], "first_loss": state["history"][0]["loss"],
-             "wall_s": round(time.perf_counter() - start, 2),
+             "wall_s": round(time.perf_counter() - start, 2), "nodes": state.get("nodes", []),
              "best_valid": {k: v for k, v in best.items() if "/" in k}}
     stats["popularity_valid"] = popularity_baseline(run_dir.stage_path("prepare"), "valid")
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    run_dir.delete(work_rel)
+    if not run_dir.list_dirs("train.work"):  # other keys: interrupted runs of other configs
+        run_dir.delete("train.work")
     return stats
 
 
-def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], work: Path) -> Path | None:
+def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, work_rel: str) -> Path | None:
+    """Ray Train run; its checkpoints persist under the run directory (local or a URI)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -455,33 +471,40 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], work: Path) -> Pa
         workers = cfg.train.num_workers or max(1, resources.gpus if use_gpu else 1)
         cpus = cpus_per_worker(resources, workers) if not use_gpu else 1
         config["threads"] = cpus
-        storage = work / "ray"
+        storage, filesystem = run_dir.storage(f"{work_rel}/ray")
         run_name = "train"
-        latest = _latest_ray_checkpoint(storage / run_name)
+        latest = _latest_ray_checkpoint(storage, filesystem, run_name)
         trainer = TorchTrainer(
             train_worker, train_loop_config=config,
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=ray.train.RunConfig(name=run_name, storage_path=str(storage.resolve()),
+            run_config=ray.train.RunConfig(name=run_name, storage_path=storage, storage_filesystem=filesystem,
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-            resume_from_checkpoint=ray.train.Checkpoint(str(latest)) if latest else None)
+            resume_from_checkpoint=ray.train.Checkpoint(latest, filesystem=filesystem) if latest else None)
         result = trainer.fit()
         if result.checkpoint is None:
             return None
         with result.checkpoint.as_directory() as folder:
-            final = work / "final"
+            final = run_dir.root / work_rel / "final"
             if final.exists():
                 shutil.rmtree(final)
             shutil.copytree(folder, final)
         return final
 
 
-def _latest_ray_checkpoint(run_root: Path) -> Path | None:
-    """Newest complete checkpoint a previous (interrupted) Ray Train run persisted."""
-    found = sorted((p for p in run_root.glob("checkpoint_*") if (p / STATE_FILE).is_file()),
-                   key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def _latest_ray_checkpoint(storage: str, filesystem: Any, run_name: str) -> str | None:
+    """Newest complete checkpoint a previous (interrupted) Ray Train run persisted.
+
+    Ray names checkpoints ``checkpoint_<timestamp>``, so the last name is the newest."""
+    from pyarrow import fs as pafs
+
+    filesystem = filesystem or pafs.LocalFileSystem()
+    root = f"{storage}/{run_name}"
+    found = [info.path for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+             and filesystem.get_file_info(f"{info.path}/{STATE_FILE}").type == pafs.FileType.File]
+    return sorted(found, key=lambda path: path.rsplit("/", 1)[-1])[-1] if found else None
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:

@@ -119,6 +119,10 @@ def test_launcher_config_starts_ray_with_token_auth_and_shared_storage(name):
     meta = config["metadata"]["diffgrm"]
     assert meta["run_root"].startswith(SHARED_MOUNT + "/")
     bucket = "s3://" if name == "aws.yaml" else "gs://"
+    assert meta["run_uri"].startswith(bucket)
+    worker = config["available_node_types"][next(k for k in config["available_node_types"] if "worker" in k)]
+    access = worker["node_config"].get("IamInstanceProfile") or worker["node_config"].get("serviceAccounts")
+    assert access, "workers need bucket access for a bucket RUN_DIR"
     assert meta["data_bucket"].startswith(bucket) and meta["archive_bucket"].startswith(bucket)
 
 
@@ -214,8 +218,7 @@ def test_entrypoint_for_quotes_every_argument():
                                 "-o", run_dir, *overrides]
 
 
-@pytest.mark.parametrize("run_dir", ["runs/beauty", "./runs", "s3://bucket/runs/beauty",
-                                     "gs://bucket/runs", ""])
+@pytest.mark.parametrize("run_dir", ["runs/beauty", "./runs", "bucket/runs", ""])
 def test_entrypoint_for_rejects_run_dirs_the_job_would_lose(run_dir):
     with pytest.raises(ValueError, match="absolute"):
         entrypoint_for("pipeline", "configs/beauty.yaml", run_dir)

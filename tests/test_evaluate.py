@@ -37,6 +37,7 @@ def test_ray_actor_pool_equals_single_process(trained, tmp_path, run_cli):
     b = json.loads((runs["ray"] / "evaluate" / "metrics.json").read_text())
     assert a["item"] == b["item"] and a["sid"] == b["sid"]
     assert b["actors"] == 2 and a["actors"] == 0
+    assert len(b["nodes"]) == 1 and a["nodes"] == []  # one local Ray node; no Ray at all
     ra = pq.read_table(runs["local"] / "evaluate" / "rankings.parquet").to_pydict()
     rb = pq.read_table(runs["ray"] / "evaluate" / "rankings.parquet").to_pydict()
     for column in ("user", "rank", "item"):

@@ -6,6 +6,10 @@
 #   tools/local_cluster.sh status   # `ray status` of that cluster
 #   tools/local_cluster.sh stop     # stops exactly those two nodes, checks nothing is left
 #
+# The nodes share this host's disk but not a run folder: give `diffgrm submit` an s3://
+# (or other URI) run directory and each node pulls what it reads into its own mirror,
+# $DIFFGRM_RAY_TMP/{head,worker}/cache, as separate machines would.
+#
 # Each node gets 1 CPU and a custom resource (node_head / node_worker) so that tasks can
 # be pinned to one node. The dashboard and Jobs API listen on http://127.0.0.1:8265 only
 # ($DIFFGRM_DASHBOARD_PORT), the GCS on port 6390 ($DIFFGRM_RAY_PORT).
@@ -204,7 +208,9 @@ start() {
     # reach the GCS retries for minutes instead of failing.
     # --node-ip-address=127.0.0.1: Ray maps it to the host IP (see the top of this file).
     echo "starting head node (log: $TMP_ROOT/start-head.log)"
-    if ! timeout 120 "$RAY" start --head \
+    # Each node keeps its own mirror of remote (s3://...) run directories, as separate
+    # machines would: processes inherit DIFFGRM_CACHE_DIR from their node's raylet.
+    if ! DIFFGRM_CACHE_DIR="$TMP_ROOT/head/cache" timeout 120 "$RAY" start --head \
             --node-ip-address=127.0.0.1 --port="$PORT" \
             --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
             --dashboard-agent-listen-port="$head_agent" --ray-client-server-port="$client_port" \
@@ -219,7 +225,7 @@ start() {
     printf 'PORT=%s\nDASHBOARD_PORT=%s\nAUTH=%s\n' "$PORT" "$DASHBOARD_PORT" "$AUTH" > "$STATE"
 
     echo "starting worker node (log: $TMP_ROOT/start-worker.log)"
-    if ! timeout 120 "$RAY" start --address="127.0.0.1:$PORT" \
+    if ! DIFFGRM_CACHE_DIR="$TMP_ROOT/worker/cache" timeout 120 "$RAY" start --address="127.0.0.1:$PORT" \
             --node-ip-address=127.0.0.1 \
             --dashboard-agent-listen-port="$worker_agent" \
             --num-cpus=1 --num-gpus=0 --resources='{"node_worker": 1}' \
