@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from diffgrm_dist.config import load_config
@@ -53,8 +54,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _jobs(args: argparse.Namespace) -> int:
     """submit / status / stop through the Ray Jobs SDK; exit 0 only for a job that succeeded."""
-    from pathlib import Path
-
     from diffgrm_dist import submit as jobs
     from diffgrm_dist.config import find_project_root
     from diffgrm_dist.errors import ConfigError
@@ -98,8 +97,6 @@ def _print_stats(stage: str, stats: dict[str, Any]) -> None:
 
 
 def _recommend(cfg, run_dir: RunDir, args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from diffgrm_dist.errors import ConfigError
     from diffgrm_dist.evaluate import read_history_file, recommend
 
@@ -130,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             for stage in PIPELINE:
                 _print_stats(stage, run_stage(stage, cfg, run_dir, force=args.force))
         elif args.stage == "tokenize" and args.encode:
-            from pathlib import Path
-
             from diffgrm_dist.tokenize import encode_new_items
 
             path = encode_new_items(cfg, run_dir, Path(args.encode))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diffgrm_dist.model import DiffGRM, Memory
+from diffgrm_dist.shard import ragged_positions
 
 NEG_INF = float("-inf")
 
@@ -133,7 +134,7 @@ class Catalogue:
             if self.dense[s]:
                 bits[self.bit_offset[s] + index] = True
             else:
-                hashed.append(np.unique(self._hash_key(s, index)))
+                hashed.append(np.unique(self.pattern_key(s, index)))
         self.bitset = np.packbits(bits, bitorder="little") if len(bits) else np.zeros(1, np.uint8)
         # Full codes: group id -> items (CSR), items in collision-rank order.
         full_index = codes @ self.subset_strides[full]
@@ -144,12 +145,13 @@ class Catalogue:
         self.item_list = order.astype(np.int64)
         self.num_codes = len(unique_full)
         partial = np.concatenate(hashed) if hashed else np.zeros(0, np.int64)
-        self.table = KeyTable(np.concatenate([partial, self._hash_key(full, unique_full)]),
+        self.table = KeyTable(np.concatenate([partial, self.pattern_key(full, unique_full)]),
                               np.concatenate([np.full(len(partial), -2, np.int64),
                                               np.arange(len(unique_full), dtype=np.int64)]))
         self._t: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _hash_key(self, subset: int | np.ndarray, index):
+    def pattern_key(self, subset, index):
+        """One int64 naming a pattern: its subset bitmask and its within-subset index."""
         return subset * int(self.subset_space[-1]) + index
 
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -169,8 +171,14 @@ class Catalogue:
         position = torch.where(dense, t["bit_offset"][subset] + index, torch.zeros_like(index))
         bit = (t["bitset"][position >> 3].long() >> (position & 7)) & 1
         hashed = self.table.lookup(torch.where(dense, torch.zeros_like(index),
-                                               self._hash_key(subset, index)))
+                                               self.pattern_key(subset, index)))
         return torch.where(dense, torch.where(bit == 1, -2, -1), hashed)
+
+    def item_groups(self) -> np.ndarray:
+        """Code group of every item (the index of its SID), read off the CSR arrays."""
+        groups = np.empty(len(self.item_list), dtype=np.int64)
+        groups[self.item_list] = np.repeat(np.arange(self.num_codes), np.diff(self.item_offsets))
+        return groups
 
     def subset_of(self, filled: torch.Tensor) -> torch.Tensor:
         return (filled.long() * self.tensors(filled.device)["bits"]).sum(-1)
@@ -285,7 +293,7 @@ def _state_key(catalogue: Catalogue, codes: torch.Tensor, filled: torch.Tensor, 
     parent_filled = filled.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
     index = (parent_codes * parent_filled.long() * full).sum(-1) + code * full[digit]
     subset = catalogue.subset_of(parent_filled) | t["bits"][digit]
-    return subset * int(catalogue.subset_space[-1]) + index
+    return catalogue.pattern_key(subset, index)
 
 
 def _drop_repeats(key: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -325,6 +333,23 @@ def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: i
     return Beams(codes, scores, groups)
 
 
+@torch.no_grad()
+def recommend_batch(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
+                    catalogue: Catalogue, beam: int, k: int, decoder: str = "diffusion",
+                    final_step: str = "global", fill_order: torch.Tensor | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Beam search for one batch of histories: (U, k) top items, their scores, and the
+    (U, k) code groups of the top distinct SIDs (-1 = none)."""
+    memory = model.encode(history, history_mask)
+    if decoder == "autoregressive":
+        beams = ar_beam_search(model, memory, catalogue, beam)
+    else:
+        beams = cpd(model, memory, catalogue, beam, final_step, fill_order)
+    groups, scores = distinct_sids(beams, k)
+    items, item_scores = top_items(groups, scores, catalogue, k)
+    return items, item_scores, groups
+
+
 def distinct_sids(beams: Beams, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(U, k) code groups of the top-k distinct SIDs per user (-1 = none), and their scores.
 
@@ -360,10 +385,9 @@ def top_items(groups: np.ndarray, scores: np.ndarray, catalogue: Catalogue,
     starts = catalogue.item_offsets[g]
     counts = np.minimum(catalogue.item_offsets[g + 1] - starts, k)
     rep_rows = np.repeat(rows, counts)
-    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    items = catalogue.item_list[np.repeat(starts, counts) + within]
+    items = catalogue.item_list[np.repeat(starts, counts) + ragged_positions(counts)]
     item_scores = np.repeat(scores[rows, cols], counts)
-    pos = np.arange(len(rep_rows)) - np.searchsorted(rep_rows, np.arange(users))[rep_rows]
+    pos = ragged_positions(np.bincount(rep_rows, minlength=users))  # rank within the user's row
     ok = pos < k
     out_items = np.full((users, k), -1, dtype=np.int64)
     out_scores = np.full((users, k), -np.inf, dtype=np.float32)

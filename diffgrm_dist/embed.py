@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +68,9 @@ class EmbedWorker:
         return shard, encode(self.model, texts, self.batch_size)
 
     def node(self) -> str:
-        import ray
+        from diffgrm_dist.raycluster import node_id
 
-        return ray.get_runtime_context().get_node_id()
+        return node_id()
 
 
 @dataclass
@@ -105,13 +104,6 @@ def shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:06d}.npy"
 
 
-def _write_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
-
-
 def _finished(folder: Path, shard: int, rows: int) -> bool:
     path = shard_path(folder, shard)
     if not path.is_file():
@@ -129,6 +121,7 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
     from tqdm import tqdm
 
     from diffgrm_dist.raycluster import cpus_per_worker, ray_session
+    from diffgrm_dist.rundir import atomic_file
 
     start = time.perf_counter()
     n = len(texts)
@@ -162,7 +155,8 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
                 with tqdm(total=total, unit="item", desc="embed", dynamic_ncols=True) as bar:
                     for shard, vectors in pool.map_unordered(
                             lambda actor, job: actor.embed.remote(*job), todo):
-                        _write_atomic(shard_path(folder, shard), vectors)
+                        with atomic_file(shard_path(folder, shard)) as tmp, open(tmp, "wb") as fh:
+                            np.save(fh, vectors)
                         bar.update(len(vectors))
             finally:
                 for actor in actors:

@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 import torch
 
 from diffgrm_dist.config import EvalConfig, ExperimentConfig
-from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
+from diffgrm_dist.decode import Catalogue, recommend_batch
 from diffgrm_dist.errors import DataError
-from diffgrm_dist.metrics import KS, per_user
-from diffgrm_dist.shard import load_sid_matrix
+from diffgrm_dist.metrics import KS, item_and_sid_metrics
+from diffgrm_dist.shard import left_pad_index, load_sid_matrix
 
 log = logging.getLogger(__name__)
 
@@ -76,43 +76,35 @@ class Ranker:
         self.model = load_exported(RunDir(run_dir).stage_path("train"), self.device)
         self.sids = torch.from_numpy(codes.astype(np.int64))
         self.catalogue = Catalogue(codes, sizes, collision_rank)
-        self.item_group = self.catalogue.groups_of(self.sids).numpy()
+        self.item_group = self.catalogue.item_groups()
         self.cfg, self.decoder = eval_cfg, decoder
         self.fill_order = (torch.from_numpy(np.random.default_rng(eval_cfg.seed).permutation(len(sizes)))
                            if eval_cfg.fill_order == "random" else None)
 
     def node(self) -> str:
-        import ray
+        from diffgrm_dist.raycluster import node_id
 
-        return ray.get_runtime_context().get_node_id()
+        return node_id()
 
     def rank(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
-        k = self.cfg.top_k
+        k = max(self.cfg.top_k, max(KS))
         out_items, out_scores, out_groups = [], [], []
         length = self.model.spec.max_history
         for start in range(0, len(queries), self.cfg.batch_size):
             part = queries.chunk(start, min(start + self.cfg.batch_size, len(queries)))
             history, mask = self._batch(part, length)
-            with torch.no_grad():
-                memory = self.model.encode(history.to(self.device), mask.to(self.device))
-                if self.decoder == "autoregressive":
-                    beams = ar_beam_search(self.model, memory, self.catalogue, beam)
-                else:
-                    beams = cpd(self.model, memory, self.catalogue, beam, self.cfg.final_step,
-                                self.fill_order)
-            groups, scores = distinct_sids(beams, max(k, max(KS)))
-            items, item_scores = top_items(groups, scores, self.catalogue, max(k, max(KS)))
+            items, item_scores, groups = recommend_batch(
+                self.model, history.to(self.device), mask.to(self.device), self.catalogue, beam,
+                k, self.decoder, self.cfg.final_step, self.fill_order)
             out_items.append(items)
             out_scores.append(item_scores)
             out_groups.append(groups)
         result = {"items": np.concatenate(out_items), "scores": np.concatenate(out_scores),
                   "groups": np.concatenate(out_groups)}
         if queries.targets is not None:
-            for level, ranked, truth in (("item", result["items"], queries.targets),
-                                         ("sid", result["groups"], self.item_group[queries.targets])):
-                for name, values in per_user(ranked, truth).items():
-                    result[f"{level}/{name}"] = values
+            result.update(item_and_sid_metrics(result["items"], result["groups"], queries.targets,
+                                               self.item_group))
         return result
 
     def _batch(self, q: Queries, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +112,7 @@ class Ranker:
         lengths = np.minimum(np.diff(q.offsets), length)
         history = torch.zeros(b, length, n, dtype=torch.long)
         mask = torch.zeros(b, length, dtype=torch.bool)
-        rows = np.repeat(np.arange(b), lengths)
-        slot = length - np.repeat(lengths, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        take = np.repeat(q.offsets[1:] - lengths, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        rows, slot, take = left_pad_index(q.offsets[1:], lengths, length)
         history[rows, slot] = self.sids[q.history[take]]
         mask[rows, slot] = True
         return history, mask
@@ -173,9 +163,7 @@ def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: Experim
 
 def ranker_args(cfg: ExperimentConfig, run_dir: Any) -> dict[str, Any]:
     tokenize_dir = run_dir.stage_path("tokenize")
-    codes, sizes = load_sid_matrix(tokenize_dir)
-    sids = pq.read_table(tokenize_dir / "sids.parquet", columns=["item", "collision_rank"])
-    rank = sids["collision_rank"].to_numpy()[np.argsort(sids["item"].to_numpy())]
+    codes, sizes, rank = load_sid_matrix(tokenize_dir)
     decoder = json.loads((run_dir.stage_path("train") / "model_config.json").read_text())["model"]["decoder"]
     return {"run_dir": run_dir.spec, "codes": codes.astype(np.int64),
             "sizes": tuple(sizes), "collision_rank": rank, "eval_cfg": cfg.eval, "decoder": decoder}

@@ -25,6 +25,17 @@ def per_user(ranked: np.ndarray, truth: np.ndarray, ks: tuple[int, ...] = KS) ->
     return out
 
 
+def item_and_sid_metrics(items: np.ndarray, groups: np.ndarray, targets: np.ndarray,
+                         item_group: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-user values keyed ``item/<metric>`` (the target item ranked) and ``sid/<metric>``
+    (the target's SID ranked: any item sharing its code counts)."""
+    out = {}
+    for level, ranked, truth in (("item", items, targets), ("sid", groups, item_group[targets])):
+        for name, values in per_user(ranked, truth).items():
+            out[f"{level}/{name}"] = values
+    return out
+
+
 def summarise(sums: dict[str, float], users: int) -> dict[str, float]:
     """Means from summed per-user values."""
     return {name: value / max(users, 1) for name, value in sorted(sums.items())}

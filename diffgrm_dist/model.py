@@ -185,19 +185,16 @@ class DiffGRM(nn.Module):
         start = int(self.offsets[digit])
         return self.codes.weight[start:start + self.spec.sizes[digit]]
 
-    def _logits(self, h: torch.Tensor) -> list[torch.Tensor]:
-        """Per-digit logits from slot states h (B, n, d); digit sizes may differ."""
-        return [h[:, i] @ self.code_table(i).T for i in range(self.spec.digits)]
-
     def stacked_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, n, K_max) logits; codes beyond a digit's size are -inf."""
-        sizes = self.spec.sizes
-        if len(set(sizes)) == 1:
-            table = self.codes.weight[:self.pad].view(len(sizes), sizes[0], -1)
+        """Slot states h (B, s, d) of digits 0..s-1 (s <= n) -> (B, s, K_max) logits against
+        each digit's code table; codes beyond a digit's size are -inf."""
+        sizes = self.spec.sizes[:h.shape[1]]
+        if len(set(self.spec.sizes)) == 1:
+            table = self.codes.weight[:self.pad].view(self.spec.digits, sizes[0], -1)[:len(sizes)]
             return torch.einsum("bnd,nkd->bnk", h, table)
-        out = h.new_full((h.shape[0], len(sizes), max(sizes)), float("-inf"))
-        for i, logits in enumerate(self._logits(h)):
-            out[:, i, :sizes[i]] = logits
+        out = h.new_full((h.shape[0], len(sizes), max(self.spec.sizes)), float("-inf"))
+        for i, size in enumerate(sizes):
+            out[:, i, :size] = h[:, i] @ self.code_table(i).T
         return out
 
     def denoise(self, memory: Memory, codes: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -223,13 +220,7 @@ class DiffGRM(nn.Module):
         x = self.drop(x)
         for block, kv in zip(self.decoder, memory.kv):
             x = block(x, kv, memory.mask, causal=True, group=group)
-        h = self.decoder_ln(x)
-        if t + 1 == self.spec.digits:
-            return self.stacked_logits(h)
-        out = h.new_full((r, t + 1, max(self.spec.sizes)), float("-inf"))
-        for i in range(t + 1):
-            out[:, i, :self.spec.sizes[i]] = h[:, i] @ self.code_table(i).T
-        return out
+        return self.stacked_logits(self.decoder_ln(x))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

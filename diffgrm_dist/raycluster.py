@@ -56,6 +56,13 @@ def cluster_resources() -> ClusterResources:
                             nodes=len(alive), max_node_cpus=max_node_cpus)
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (recorded in stats to show where work ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def cpus_per_worker(resources: ClusterResources, workers: int) -> int:
     """An even share of the cluster's CPUs that still fits on one node."""
     return max(1, min(resources.cpus // max(workers, 1), resources.max_node_cpus or 1))

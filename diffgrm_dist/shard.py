@@ -40,8 +40,9 @@ SPLITS = ("train", "valid", "test")
 # --------------------------------------------------------------------------- writing
 
 
-def load_sid_matrix(tokenize_dir: Path) -> tuple[np.ndarray, list[int]]:
-    """(items, digits) SID matrix in item order, and codes per digit."""
+def load_sid_matrix(tokenize_dir: Path) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """(items, digits) SID matrix in item order, codes per digit, and each item's rank
+    among the items sharing its code."""
     sids = pq.read_table(tokenize_dir / "sids.parquet")
     digits = [c for c in sids.column_names if c.startswith("d") and c[1:].isdigit()]
     matrix = np.stack([sids[c].to_numpy() for c in digits], axis=1).astype(np.int16)
@@ -51,7 +52,7 @@ def load_sid_matrix(tokenize_dir: Path) -> tuple[np.ndarray, list[int]]:
     sizes = [meta["codebook_size"]] * meta["digits"]
     if len(digits) > meta["digits"]:
         sizes.append(int(stats["extra_digit_size"]))
-    return matrix[order], sizes
+    return matrix[order], sizes, sids["collision_rank"].to_numpy()[order]
 
 
 _HEADER = np.dtype([("user", "<i4"), ("item", "<i4"), ("length", "<i4")])
@@ -99,7 +100,7 @@ def write_split(table: pa.Table, sids: np.ndarray, out: Path, split: str,
 
 def run_shard(cfg, run_dir, out: Path) -> dict[str, Any]:
     prepare_dir, tokenize_dir = run_dir.stage_path("prepare"), run_dir.stage_path("tokenize")
-    sids, sizes = load_sid_matrix(tokenize_dir)
+    sids, sizes, _ = load_sid_matrix(tokenize_dir)
     manifest: dict[str, Any] = {"digit_sizes": sizes, "max_history": cfg.prepare.max_history,
                                 "splits": {}}
     for split in SPLITS:
@@ -202,16 +203,34 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield {**decode_window(sample["win"], digits), "key": sample["__key__"]}
 
 
+def ragged_positions(lengths: np.ndarray) -> np.ndarray:
+    """Rows of these lengths laid end to end: each element's position within its row."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def left_pad_index(ends: np.ndarray, lengths: np.ndarray, width: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For rows of a flat array ending at ``ends``, where their last ``lengths`` elements go
+    in a (rows, width) left-padded batch, the most recent in the last slot:
+    (batch row, slot, position in the flat array) of every element placed."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    within = ragged_positions(lengths)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    slots = width - np.repeat(lengths, lengths) + within
+    source = np.repeat(np.asarray(ends, dtype=np.int64) - lengths, lengths) + within
+    return rows, slots, source
+
+
 def collate(samples: list[dict[str, Any]], max_history: int, digits: int) -> dict[str, torch.Tensor]:
     """Left-pads histories so the most recent item always sits in the last slot."""
     b = len(samples)
     history = np.zeros((b, max_history, digits), dtype=np.int64)
     mask = np.zeros((b, max_history), dtype=bool)
-    for i, s in enumerate(samples):
-        h = s["hist"][-max_history:]
-        if len(h):
-            history[i, max_history - len(h):] = h
-            mask[i, max_history - len(h):] = True
+    full = np.array([len(s["hist"]) for s in samples], dtype=np.int64)
+    rows, slots, source = left_pad_index(np.cumsum(full), np.minimum(full, max_history), max_history)
+    history[rows, slots] = np.concatenate([s["hist"] for s in samples])[source]
+    mask[rows, slots] = True
     return {"history": torch.from_numpy(history), "history_mask": torch.from_numpy(mask),
             "targets": torch.from_numpy(np.stack([s["tgt"] for s in samples]).astype(np.int64)),
             "users": torch.tensor([s["user"] for s in samples]),

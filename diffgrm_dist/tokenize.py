@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,8 @@ from diffgrm_dist.embed import embed_catalogue
 from diffgrm_dist.errors import DataError
 from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats, gpu_count
 from diffgrm_dist.readers import iter_lines
-from diffgrm_dist.rundir import RunDir
+from diffgrm_dist.rundir import RunDir, atomic_file
+from diffgrm_dist.shard import load_sid_matrix
 from diffgrm_dist.text import render_text, template_fields
 
 log = logging.getLogger(__name__)
@@ -156,8 +155,7 @@ def encode_new_items(cfg: ExperimentConfig, run_dir: RunDir, path: Path) -> Path
     tcfg.model = meta["model"]
     embeddings, _ = embed_catalogue(texts, embedding_cache(cfg, run_dir), tcfg)
     codes = quantizer.encode(embeddings)
-    catalogue = pq.read_table(stage / "sids.parquet")
-    base = np.stack([catalogue[c].to_numpy() for c in digit_columns(quantizer.digits)], axis=1)
+    base = load_sid_matrix(stage)[0][:, :quantizer.digits].astype(np.int64)  # without an extra digit
     combined = assign_sids(np.concatenate([base, codes]), meta["collision"])
     new_codes = combined.codes[len(base):]
     table = sid_table(np.arange(len(ids)), new_codes, combined.collision_rank[len(base):])
@@ -168,9 +166,8 @@ def encode_new_items(cfg: ExperimentConfig, run_dir: RunDir, path: Path) -> Path
     folder = run_dir.root / "cold_start"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{path.stem}.parquet"
-    tmp = folder / f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        pq.write_table(table, tmp)
     if run_dir.remote is not None:
         run_dir.remote.upload(folder, "cold_start")
     return target

@@ -37,12 +37,12 @@ import torch
 import torch.distributed as dist
 
 from diffgrm_dist.config import ExperimentConfig, ModelConfig
-from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
-from diffgrm_dist.metrics import KS, per_user, selection_score, summarise
+from diffgrm_dist.decode import Catalogue, recommend_batch
+from diffgrm_dist.metrics import KS, item_and_sid_metrics, per_user, selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
-from diffgrm_dist.objectives import AutoregressiveObjective, DiffusionObjective
+from diffgrm_dist.objectives import AutoregressiveObjective, DiffusionObjective, no_dropout
 from diffgrm_dist.rundir import RunDir
-from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream
+from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, load_sid_matrix
 
 log = logging.getLogger(__name__)
 
@@ -197,23 +197,14 @@ def validate(model: DiffGRM, batches: BalancedBatches, catalogue: Catalogue, ite
     k = max(KS)
     sums: dict[str, float] = {}
     users = 0
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        memory = model.encode(batch["history"], batch["history_mask"])
-        if cfg.model.decoder == "autoregressive":
-            beams = ar_beam_search(model, memory, catalogue, beam)
-        else:
-            beams = cpd(model, memory, catalogue, beam, cfg.eval.final_step)
-        groups, scores = distinct_sids(beams, k)
-        items, _ = top_items(groups, scores, catalogue, k)
-        truth = batch["items"].numpy()
-        for level, ranked, target in (("item", items, truth), ("sid", groups, item_group[truth])):
-            for name, values in per_user(ranked, target).items():
-                key = f"{level}/{name}"
+    with no_dropout(model):
+        for batch in batches:
+            items, _, groups = recommend_batch(model, batch["history"], batch["history_mask"], catalogue,
+                                               beam, k, cfg.model.decoder, cfg.eval.final_step)
+            truth = batch["items"].numpy()
+            for key, values in item_and_sid_metrics(items, groups, truth, item_group).items():
                 sums[key] = sums.get(key, 0.0) + float(values.sum())
-        users += len(truth)
-    model.train(was_training)
+            users += len(truth)
     totals = torch.tensor([users, *[sums[k] for k in sorted(sums)]], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -244,7 +235,7 @@ def train_worker(config: dict[str, Any]) -> None:
     train_set = ShardSet.load(shard_dir, "train")
     valid_set = ShardSet.load(shard_dir, "valid")
     spec = SidSpec(train_set.digit_sizes, train_set.max_history)
-    catalogue, item_group = load_catalogue(run_dir.stage_path("tokenize"), spec.sizes)
+    catalogue, item_group = load_catalogue(run_dir.stage_path("tokenize"))
     train_stream = ShardStream(train_set, rank, world, seed=cfg.shard.seed + cfg.seed, shuffle=True)
     train_batches = BalancedBatches(train_stream, max(1, cfg.train.batch_size // world), cfg.train.loader_workers)
     valid_batches = BalancedBatches(ShardStream(valid_set, rank, world, seed=0, shuffle=False),
@@ -324,9 +315,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def _node_id(launcher: str) -> str:
     if launcher == "ray":
-        import ray
+        from diffgrm_dist.raycluster import node_id
 
-        return ray.get_runtime_context().get_node_id()
+        return node_id()
     return socket.gethostname()
 
 
@@ -389,16 +380,11 @@ def load_exported(folder: Path, device: str = "cpu") -> DiffGRM:
     return model.to(device).eval()
 
 
-def load_catalogue(tokenize_dir: Path, sizes: tuple[int, ...]) -> tuple[Catalogue, np.ndarray]:
+def load_catalogue(tokenize_dir: Path) -> tuple[Catalogue, np.ndarray]:
     """Catalogue of all items' SIDs, and each item's code group (for SID-level metrics)."""
-    import pyarrow.parquet as pq
-
-    sids = pq.read_table(tokenize_dir / "sids.parquet")
-    order = np.argsort(sids["item"].to_numpy())
-    codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(len(sizes))], axis=1)[order]
-    catalogue = Catalogue(codes, sizes, sids["collision_rank"].to_numpy()[order])
-    groups = catalogue.groups_of(torch.from_numpy(codes.astype(np.int64))).numpy()
-    return catalogue, groups
+    codes, sizes, collision_rank = load_sid_matrix(tokenize_dir)
+    catalogue = Catalogue(codes, tuple(sizes), collision_rank)
+    return catalogue, catalogue.item_groups()
 
 
 # --------------------------------------------------------------------------- stage
