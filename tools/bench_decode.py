@@ -17,24 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import peak_rss_mib, run_isolated
 
 from diffgrm_dist.config import ModelConfig
 from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
 from diffgrm_dist.model import DiffGRM, SidSpec
 
 SIZES = (256, 256, 256, 256)
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def users_batch(users: int, length: int = 20, seed: int = 0):
@@ -55,7 +49,7 @@ def decode_run(decoder: str, beam: int, users: int, items: int, d_model: int, ba
     model = DiffGRM(ModelConfig(d_model=d_model, heads=4, ffn=4 * d_model, decoder_layers=layers,
                                 dropout=0.0), SidSpec(SIZES, 20)).eval()
     codes = random_codes(items)
-    before = rss_mib()
+    before = peak_rss_mib()
     start = time.perf_counter()
     catalogue = Catalogue(codes, SIZES)
     build_s = time.perf_counter() - start
@@ -75,8 +69,8 @@ def decode_run(decoder: str, beam: int, users: int, items: int, d_model: int, ba
         seconds = time.perf_counter() - start
     return {"decoder": decoder, "beam": beam, "items": items, "users": users, "d_model": d_model,
             "users_per_s": users / seconds, "seconds": seconds, "index_build_s": build_s,
-            "index_mib": catalogue.nbytes / 2**20, "peak_rss_mib": rss_mib(),
-            "rss_growth_mib": rss_mib() - before}
+            "index_mib": catalogue.nbytes / 2**20, "peak_rss_mib": peak_rss_mib(),
+            "rss_growth_mib": peak_rss_mib() - before}
 
 
 def dense_run(users: int, items: int, d_model: int, batch: int) -> dict:
@@ -86,7 +80,7 @@ def dense_run(users: int, items: int, d_model: int, batch: int) -> dict:
     model = DiffGRM(ModelConfig(d_model=d_model, heads=4, ffn=4 * d_model, decoder_layers=2,
                                 dropout=0.0), SidSpec(SIZES, 20)).eval()
     codes = torch.from_numpy(random_codes(items))
-    before = rss_mib()
+    before = peak_rss_mib()
     with torch.no_grad():
         start = time.perf_counter()
         table = torch.empty(items, d_model)
@@ -102,14 +96,8 @@ def dense_run(users: int, items: int, d_model: int, batch: int) -> dict:
         seconds = time.perf_counter() - start
     return {"decoder": "dense", "items": items, "users": users, "d_model": d_model,
             "users_per_s": users / seconds, "seconds": seconds, "index_build_s": build_s,
-            "index_mib": table.numel() * 4 / 2**20, "peak_rss_mib": rss_mib(),
-            "rss_growth_mib": rss_mib() - before}
-
-
-def sub(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", *map(str, args)], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+            "index_mib": table.numel() * 4 / 2**20, "peak_rss_mib": peak_rss_mib(),
+            "rss_growth_mib": peak_rss_mib() - before}
 
 
 def plot(beam_rows: list[dict], size_rows: list[dict], path: Path) -> None:
@@ -152,7 +140,7 @@ def main() -> None:
             print(json.dumps(decode_run(kind, beam, users, items, d, batch)))
         return
 
-    beam_rows = [sub(decoder, beam, args.users, args.beam_items, 256, 16)
+    beam_rows = [run_isolated(__file__, decoder, beam, args.users, args.beam_items, 256, 16)
                  for beam in args.beams for decoder in ("cpd", "ar")]
     print(f"1) beam width: {args.users} users, {args.beam_items:,} items, d=256 model, CPU x{os.cpu_count()}")
     print(f"{'decoder':<8} {'beam':>5} {'users/s':>9} {'peak RSS MiB':>13} {'CPD/AR':>7}")
@@ -164,8 +152,8 @@ def main() -> None:
 
     size_rows = []
     for items in args.sizes:
-        size_rows.append(sub("cpd", 32, args.users, items, 64, 64))
-        size_rows.append(sub("dense", args.users, items, 64, 64))
+        size_rows.append(run_isolated(__file__, "cpd", 32, args.users, items, 64, 64))
+        size_rows.append(run_isolated(__file__, "dense", args.users, items, 64, 64))
     base = {d: next(r for r in size_rows if r["decoder"] == d)["users_per_s"] for d in ("cpd", "dense")}
     print(f"\n2) catalogue size: {args.users} users, beam 32, d=64 model; baseline = the 10k catalogue")
     print(f"{'items':>11} {'decoder':<7} {'users/s':>9} {'vs 10k':>7} {'index MiB':>10} {'build s':>8} {'peak RSS MiB':>13}")

@@ -14,37 +14,32 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from benchlib import peak_rss_mib, run_isolated
 
 SIZES = [(10_000, 100_000), (100_000, 1_000_000), (1_000_000, 10_000_000)]
 QUICK_SIZES = [(10_000, 100_000), (100_000, 1_000_000)]
 BASELINE_MAX_INTERACTIONS = 1_000_000
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_vectorised(items: int, interactions: int) -> dict:
     from diffgrm_dist.config import SyntheticConfig
     from diffgrm_dist.synthetic import generate
 
-    before = _rss_mib()
+    before = peak_rss_mib()
     start = time.perf_counter()
     raw = generate(SyntheticConfig(items=items, interactions=interactions,
                                    categories=max(10, items // 2000), seed=0))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mib": _rss_mib(), "rss_before_mib": before,
+    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before,
             "users": len(raw.user_ids), "interactions": int(raw.offsets[-1])}
 
 
 def run_baseline(items: int, interactions: int) -> dict:
     """The obvious loop: per user, per session, per item, sample by popularity."""
-    before = _rss_mib()
+    before = peak_rss_mib()
     start = time.perf_counter()
     rng = random.Random(0)
     n_cat = max(10, items // 2000)
@@ -65,14 +60,8 @@ def run_baseline(items: int, interactions: int) -> dict:
         sequences.append(seq)
         produced += length
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mib": _rss_mib(), "rss_before_mib": before,
+    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before,
             "users": len(sequences), "interactions": produced}
-
-
-def _in_subprocess(kind: str, items: int, interactions: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", kind, str(items), str(interactions)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -90,9 +79,9 @@ def main() -> None:
     rows = []
     for items, interactions in (QUICK_SIZES if args.quick else SIZES):
         row = {"items": items, "interactions": interactions,
-               "vectorised": _in_subprocess("vectorised", items, interactions)}
+               "vectorised": run_isolated(__file__, "vectorised", items, interactions)}
         if interactions <= BASELINE_MAX_INTERACTIONS:
-            row["baseline_python_loop"] = _in_subprocess("baseline", items, interactions)
+            row["baseline_python_loop"] = run_isolated(__file__, "baseline", items, interactions)
             row["speedup_vs_baseline"] = (row["baseline_python_loop"]["seconds"]
                                           / row["vectorised"]["seconds"])
         rows.append(row)

@@ -15,23 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchlib import peak_rss_mib, run_isolated
 
 from diffgrm_dist.config import ExperimentConfig, ModelConfig
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.objectives import DiffusionObjective
 
 SPEC = SidSpec((256,) * 4, 50)
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def batches(batch: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -49,7 +43,7 @@ def run_one(kind: str, objective: str, batch: int, steps: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     data = batches(batch, steps + 1)
-    before = rss_mib()
+    before = peak_rss_mib()
     if kind == "plain":
         model = DiffGRM(ModelConfig(), SPEC)
         obj = DiffusionObjective(model, objective, "max_prob", 0.1, "view").train()
@@ -84,15 +78,13 @@ def run_one(kind: str, objective: str, batch: int, steps: int) -> dict:
     seconds = time.perf_counter() - start
     return {"config": kind, "objective": objective, "batch": batch, "steps": steps,
             "step_s": seconds / steps, "samples_per_s": batch * steps / seconds,
-            "peak_rss_mib": rss_mib(), "rss_growth_mib": rss_mib() - before,
+            "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - before,
             "loss": float(loss), "parameters": model.num_parameters()}
 
 
 def in_subprocess(kind: str, objective: str, batch: int, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", kind, objective, str(batch), str(steps)],
-                         check=True, capture_output=True, text=True,
-                         env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_isolated(__file__, kind, objective, batch, steps,
+                        env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
 
 
 def main() -> None:
