@@ -184,6 +184,28 @@ Stop:              tools/local_cluster.sh stop
 EOF
 }
 
+start_node() {  # start_node NAME [ray start args...]: one node of this cluster, or clean up and exit
+    local name=$1 log="$TMP_ROOT/start-$1.log"
+    shift
+    echo "starting $name node (log: $log)"
+    # `ray start` output goes to the log, shown only on failure; `timeout`: a node that
+    # cannot reach the GCS retries for minutes instead of failing. 1 CPU and a custom
+    # resource (node_NAME) per node; its own temp dir and dashboard-agent port.
+    # --node-ip-address=127.0.0.1: Ray maps it to the host IP (see the top of this file).
+    # DIFFGRM_CACHE_DIR: each node keeps its own mirror of remote (s3://...) run
+    # directories, as separate machines would; processes inherit it from their raylet.
+    if ! DIFFGRM_CACHE_DIR="$TMP_ROOT/$name/cache" timeout 120 "$RAY" start "$@" \
+            --node-ip-address=127.0.0.1 --dashboard-agent-listen-port="$(free_port)" \
+            --num-cpus=1 --num-gpus=0 --resources="{\"node_$name\": 1}" \
+            --object-store-memory="$OBJECT_STORE_BYTES" \
+            --temp-dir="$TMP_ROOT/$name" --disable-usage-stats > "$log" 2>&1; then
+        cat "$log" >&2
+        echo "local_cluster: the $name node failed to start; cleaning up" >&2
+        stop >&2 || true
+        exit 1
+    fi
+}
+
 start() {
     if running; then
         # shellcheck disable=SC1090
@@ -202,40 +224,13 @@ start() {
         (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$TOKEN_FILE")
     fi
 
-    local head_agent worker_agent client_port
-    head_agent=$(free_port); worker_agent=$(free_port); client_port=$(free_port)
-    # `ray start` output goes to a log, shown only on failure; `timeout`: a node that cannot
-    # reach the GCS retries for minutes instead of failing.
-    # --node-ip-address=127.0.0.1: Ray maps it to the host IP (see the top of this file).
-    echo "starting head node (log: $TMP_ROOT/start-head.log)"
-    # Each node keeps its own mirror of remote (s3://...) run directories, as separate
-    # machines would: processes inherit DIFFGRM_CACHE_DIR from their node's raylet.
-    if ! DIFFGRM_CACHE_DIR="$TMP_ROOT/head/cache" timeout 120 "$RAY" start --head \
-            --node-ip-address=127.0.0.1 --port="$PORT" \
-            --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-            --dashboard-agent-listen-port="$head_agent" --ray-client-server-port="$client_port" \
-            --num-cpus=1 --num-gpus=0 --resources='{"node_head": 1}' \
-            --object-store-memory="$OBJECT_STORE_BYTES" \
-            --temp-dir="$TMP_ROOT/head" --disable-usage-stats > "$TMP_ROOT/start-head.log" 2>&1; then
-        cat "$TMP_ROOT/start-head.log" >&2
-        echo "local_cluster: the head node failed to start; cleaning up" >&2
-        stop >&2 || true
-        exit 1
-    fi
+    local client_port
+    client_port=$(free_port)
+    start_node head --head --port="$PORT" \
+        --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+        --ray-client-server-port="$client_port"
     printf 'PORT=%s\nDASHBOARD_PORT=%s\nAUTH=%s\n' "$PORT" "$DASHBOARD_PORT" "$AUTH" > "$STATE"
-
-    echo "starting worker node (log: $TMP_ROOT/start-worker.log)"
-    if ! DIFFGRM_CACHE_DIR="$TMP_ROOT/worker/cache" timeout 120 "$RAY" start --address="127.0.0.1:$PORT" \
-            --node-ip-address=127.0.0.1 \
-            --dashboard-agent-listen-port="$worker_agent" \
-            --num-cpus=1 --num-gpus=0 --resources='{"node_worker": 1}' \
-            --object-store-memory="$OBJECT_STORE_BYTES" \
-            --temp-dir="$TMP_ROOT/worker" --disable-usage-stats > "$TMP_ROOT/start-worker.log" 2>&1; then
-        cat "$TMP_ROOT/start-worker.log" >&2
-        echo "local_cluster: the worker node failed to start; stopping the head" >&2
-        stop >&2 || true
-        exit 1
-    fi
+    start_node worker --address="127.0.0.1:$PORT"
     if ! wait_for_nodes 2; then
         echo "local_cluster: the cluster did not report 2 active nodes within 60 s" >&2
         stop >&2 || true
