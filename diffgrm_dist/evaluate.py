@@ -9,7 +9,9 @@ in items and beams score n x K candidates per step whatever the catalogue size.
 
 Outputs (``RUN_DIR/evaluate/``): ``rankings.parquet`` (``user``, ``rank`` from 1, ``item``,
 ``score``; the dataset's own ids), ``metrics.json`` (``{"item": {...}, "sid": {...},
-"popularity": {...}}`` plus decode wall time and users/s), ``stats.json``.
+"item.code_prob": {...}, "item.expand": {...}, "popularity": {...}}``: ``item`` is the
+configured ``eval.item_rule``, ``item.<rule>`` every rule from the same beams; plus decode
+wall time and users/s), ``stats.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,58 +28,33 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import EvalConfig, ExperimentConfig
-from diffgrm_dist.decode import Catalogue, recommend_batch
+from diffgrm_dist.decode import Catalogue
 from diffgrm_dist.errors import DataError
-from diffgrm_dist.metrics import KS, item_and_sid_metrics
-from diffgrm_dist.shard import left_pad_index, load_sid_matrix
+from diffgrm_dist.export import load_exported
+from diffgrm_dist.ranking import Queries, rank_queries
+from diffgrm_dist.sids import SidTable, load_sids
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Queries:
-    """Users to rank: packed histories (item indices, oldest first) and optional targets."""
-
-    users: np.ndarray
-    offsets: np.ndarray
-    history: np.ndarray
-    targets: np.ndarray | None
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def chunk(self, start: int, end: int) -> Queries:
-        lo, hi = self.offsets[start], self.offsets[end]
-        return Queries(self.users[start:end], self.offsets[start:end + 1] - lo, self.history[lo:hi],
-                       None if self.targets is None else self.targets[start:end])
-
-    @classmethod
-    def from_split(cls, prepare_dir: Path, split: str) -> Queries:
-        table = pq.read_table(prepare_dir / f"{split}.parquet")
-        history = table["history"].combine_chunks()
-        return cls(table["user"].to_numpy(), history.offsets.to_numpy().astype(np.int64),
-                   history.values.to_numpy().astype(np.int64), table["target"].to_numpy())
 
 
 class Ranker:
     """One model replica + the catalogue index; ranks chunks of users. Also a Ray actor body."""
 
-    def __init__(self, run_dir: str, codes: np.ndarray, sizes: tuple[int, ...],
-                 collision_rank: np.ndarray, eval_cfg: EvalConfig, decoder: str, threads: int = 0) -> None:
+    def __init__(self, run_dir: str, sids: SidTable, eval_cfg: EvalConfig, decoder: str,
+                 threads: int = 0) -> None:
         from diffgrm_dist.rundir import RunDir
-        from diffgrm_dist.train import load_exported
 
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # The run's spec, not a local path: on another node this pulls the trained model.
         self.model = load_exported(RunDir(run_dir).stage_path("train"), self.device)
-        self.sids = torch.from_numpy(codes.astype(np.int64))
-        self.catalogue = Catalogue(codes, sizes, collision_rank)
-        self.item_group = self.catalogue.item_groups()
+        self.sids = torch.from_numpy(sids.codes.astype(np.int64))
+        self.catalogue = Catalogue.from_sids(sids)
         self.cfg, self.decoder = eval_cfg, decoder
-        self.fill_order = (torch.from_numpy(np.random.default_rng(eval_cfg.seed).permutation(len(sizes)))
+        self.fill_order = (torch.from_numpy(np.random.default_rng(eval_cfg.seed).permutation(len(sids.sizes)))
                            if eval_cfg.fill_order == "random" else None)
 
     def node(self) -> str:
@@ -88,34 +64,8 @@ class Ranker:
 
     def rank(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
-        k = max(self.cfg.top_k, max(KS))
-        out_items, out_scores, out_groups = [], [], []
-        length = self.model.spec.max_history
-        for start in range(0, len(queries), self.cfg.batch_size):
-            part = queries.chunk(start, min(start + self.cfg.batch_size, len(queries)))
-            history, mask = self._batch(part, length)
-            items, item_scores, groups = recommend_batch(
-                self.model, history.to(self.device), mask.to(self.device), self.catalogue, beam,
-                k, self.decoder, self.cfg.final_step, self.fill_order)
-            out_items.append(items)
-            out_scores.append(item_scores)
-            out_groups.append(groups)
-        result = {"items": np.concatenate(out_items), "scores": np.concatenate(out_scores),
-                  "groups": np.concatenate(out_groups)}
-        if queries.targets is not None:
-            result.update(item_and_sid_metrics(result["items"], result["groups"], queries.targets,
-                                               self.item_group))
-        return result
-
-    def _batch(self, q: Queries, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n = len(q), self.sids.shape[1]
-        lengths = np.minimum(np.diff(q.offsets), length)
-        history = torch.zeros(b, length, n, dtype=torch.long)
-        mask = torch.zeros(b, length, dtype=torch.bool)
-        rows, slot, take = left_pad_index(q.offsets[1:], lengths, length)
-        history[rows, slot] = self.sids[q.history[take]]
-        mask[rows, slot] = True
-        return history, mask
+        return rank_queries(self.model, queries, self.sids, self.catalogue, self.cfg, beam,
+                            self.decoder, self.fill_order, self.device)
 
 
 def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: ExperimentConfig,
@@ -145,7 +95,7 @@ def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: Experim
             actors = max(1, min(actors, len(bounds)))
             options = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
                        {"num_cpus": cpus_per_worker(resources, actors)})
-            shared = {key: ray.put(value) if isinstance(value, np.ndarray) else value
+            shared = {key: ray.put(value) if isinstance(value, SidTable) else value
                       for key, value in make_ranker.items()}
             shared["threads"] = 0 if resources.gpus else int(options["num_cpus"])
             pool_actors = [ray.remote(**options)(Ranker).remote(**shared) for _ in range(actors)]
@@ -162,16 +112,12 @@ def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: Experim
 
 
 def ranker_args(cfg: ExperimentConfig, run_dir: Any) -> dict[str, Any]:
-    tokenize_dir = run_dir.stage_path("tokenize")
-    codes, sizes, rank = load_sid_matrix(tokenize_dir)
     decoder = json.loads((run_dir.stage_path("train") / "model_config.json").read_text())["model"]["decoder"]
-    return {"run_dir": run_dir.spec, "codes": codes.astype(np.int64),
-            "sizes": tuple(sizes), "collision_rank": rank, "eval_cfg": cfg.eval, "decoder": decoder}
+    return {"run_dir": run_dir.spec, "sids": load_sids(run_dir.stage_path("tokenize")),
+            "eval_cfg": cfg.eval, "decoder": decoder}
 
 
 def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, Any]:
-    from diffgrm_dist.train import popularity_baseline
-
     prepare_dir = run_dir.stage_path("prepare")
     queries = Queries.from_split(prepare_dir, cfg.eval.split)
     args = ranker_args(cfg, run_dir)
@@ -181,10 +127,11 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, An
     metrics: dict[str, Any] = {"item": {}, "sid": {}}
     for key in sorted(k for k in result if "/" in k):
         level, name = key.split("/")
-        metrics[level][name] = float(result[key].sum()) / len(queries)
+        metrics.setdefault(level, {})[name] = float(result[key].sum()) / len(queries)
     metrics["popularity"] = popularity_baseline(prepare_dir, cfg.eval.split)
     metrics.update({"split": cfg.eval.split, "users": len(queries), "beam": cfg.eval.beam_size,
-                    "decoder": args["decoder"], "final_step": cfg.eval.final_step,
+                    "decoder": args["decoder"], "item_rule": cfg.eval.item_rule,
+                    "final_step": cfg.eval.final_step,
                     "fill_order": cfg.eval.fill_order, "actors": actors, "nodes": nodes,
                     "decode_s": round(decode_s, 3), "users_per_s": round(len(queries) / decode_s, 2)})
     write_rankings(out / "rankings.parquet", queries.users, result["items"][:, :cfg.eval.top_k],
@@ -195,7 +142,20 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, An
              **{f"sid_{k}": v for k, v in metrics["sid"].items()},
              **{f"popularity_{k}": v for k, v in metrics["popularity"].items()}}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    log.info("evaluate (%s, %d users, beam %d):\n%s", cfg.eval.split, len(queries), cfg.eval.beam_size,
+             metrics_table(metrics))
     return stats
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Item level per item rule, SID level and popularity, one row each, for the log."""
+    rows = [(f"item ({rule})", metrics[f"item.{rule}"]) for rule in ("code_prob", "expand")
+            if f"item.{rule}" in metrics] or [("item", metrics["item"])]
+    rows += [("sid", metrics["sid"]), ("popularity", metrics["popularity"])]
+    lines = [f"  {'':<18}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}"]
+    lines += [f"  {name:<18}" + "".join(f"{m[k]:>8.4f}" for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
+              for name, m in rows]
+    return "\n".join(lines)
 
 
 def write_rankings(path: Path, users: np.ndarray, items: np.ndarray, scores: np.ndarray,

@@ -1,0 +1,109 @@
+"""Ranking users: packed histories from a split's Parquet file, cut into padded batches,
+decoded, and scored at item and SID level.
+
+Validation (inside training) and evaluation (on Ray actors) both call ``rank_queries``, so
+they rank the same histories the same way; a seeded sample of users serves quick
+per-epoch validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from diffgrm_dist.config import EvalConfig
+from diffgrm_dist.decode import ITEM_RULES, Catalogue, recommend_batch
+from diffgrm_dist.metrics import KS, item_and_sid_metrics
+from diffgrm_dist.model import DiffGRM
+from diffgrm_dist.ragged import left_pad_index
+
+
+@dataclass
+class Queries:
+    """Packed histories (item indices, oldest first) and optional targets, one row per user."""
+
+    users: np.ndarray
+    offsets: np.ndarray
+    history: np.ndarray
+    targets: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def chunk(self, start: int, end: int) -> Queries:
+        lo, hi = self.offsets[start], self.offsets[end]
+        return Queries(self.users[start:end], self.offsets[start:end + 1] - lo, self.history[lo:hi],
+                       None if self.targets is None else self.targets[start:end])
+
+    def take(self, rows: np.ndarray) -> Queries:
+        """The users at ``rows`` (in that order)."""
+        lengths = np.diff(self.offsets)[rows]
+        starts = self.offsets[rows]
+        flat = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+        return Queries(self.users[rows], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                       self.history[flat], None if self.targets is None else self.targets[rows])
+
+    def sample(self, count: int, seed: int) -> Queries:
+        """A seeded sample of ``count`` users (all when count is 0 or covers them), kept in
+        their original order so the same seed gives the same sample every epoch."""
+        if count <= 0 or count >= len(self):
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(len(self), size=count, replace=False))
+        return self.take(rows)
+
+    @classmethod
+    def from_split(cls, prepare_dir: Path, split: str) -> Queries:
+        table = pq.read_table(prepare_dir / f"{split}.parquet")
+        history = table["history"].combine_chunks()
+        return cls(table["user"].to_numpy(), history.offsets.to_numpy().astype(np.int64),
+                   history.values.to_numpy().astype(np.int64), table["target"].to_numpy())
+
+    def padded(self, sids: torch.Tensor, max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, n) history codes left padded to the longest history here (at most
+        ``max_history``), the most recent item last, and the (B, L) mask of real slots."""
+        b, n = len(self), sids.shape[1]
+        lengths = np.minimum(np.diff(self.offsets), max_history)
+        width = max(1, int(lengths.max()) if b else 1)
+        history = torch.zeros(b, width, n, dtype=torch.long)
+        mask = torch.zeros(b, width, dtype=torch.bool)
+        rows, slot, take = left_pad_index(self.offsets[1:], lengths, width)
+        history[rows, slot] = sids[self.history[take]]
+        mask[rows, slot] = True
+        return history, mask
+
+
+@torch.no_grad()
+def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: Catalogue,
+                 cfg: EvalConfig, beam: int, decoder: str, fill_order: torch.Tensor | None = None,
+                 device: str = "cpu") -> dict[str, np.ndarray]:
+    """Top-k items (under ``cfg.item_rule``), their scores and the top distinct SIDs per user;
+    with targets, per-user metric values keyed ``item/…`` (the configured rule), ``sid/…``,
+    and ``item.<rule>/…`` for every item rule (one beam search serves them all)."""
+    k = max(cfg.top_k, max(KS))
+    rules = (cfg.item_rule,) if decoder == "dense" else ITEM_RULES
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(queries), cfg.batch_size):
+        part = queries.chunk(start, min(start + cfg.batch_size, len(queries)))
+        history, mask = part.padded(sids, model.spec.max_history)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+            ranked = recommend_batch(model, history.to(device), mask.to(device), catalogue, beam, k,
+                                     decoder, cfg.final_step, fill_order, rules)
+        main = ranked[cfg.item_rule]
+        for key, value in (("items", main.items), ("scores", main.scores), ("groups", main.groups)):
+            parts.setdefault(key, []).append(value)
+        if part.targets is None:
+            continue
+        for key, value in item_and_sid_metrics(main.items, main.groups, part.targets,
+                                               catalogue.item_group).items():
+            parts.setdefault(key, []).append(value)
+        if decoder != "dense":
+            for rule, r in ranked.items():
+                for key, value in item_and_sid_metrics(r.items, r.groups, part.targets,
+                                                       catalogue.item_group).items():
+                    if key.startswith("item/"):
+                        parts.setdefault(f"item.{rule}/{key[5:]}", []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}

@@ -1,0 +1,41 @@
+"""Queries: packed histories, seeded validation samples, batches padded to their longest history."""
+
+import numpy as np
+import torch
+
+from diffgrm_dist.ranking import Queries
+
+
+def queries():
+    lengths = np.array([3, 1, 4, 2, 5, 2])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return Queries(np.arange(6) * 10, offsets, np.arange(offsets[-1]) + 100, np.arange(6) + 1000)
+
+
+def test_take_keeps_each_users_own_history():
+    q = queries()
+    picked = q.take(np.array([4, 0, 3]))
+    assert picked.users.tolist() == [40, 0, 30] and picked.targets.tolist() == [1004, 1000, 1003]
+    assert picked.offsets.tolist() == [0, 5, 8, 10]
+    assert picked.history.tolist() == [110, 111, 112, 113, 114, 100, 101, 102, 108, 109]
+
+
+def test_valid_sample_is_seeded_and_the_same_every_time():
+    q = queries()
+    a, b = q.sample(3, seed=7), q.sample(3, seed=7)
+    assert a.users.tolist() == b.users.tolist() and len(a) == 3
+    assert sorted(a.users.tolist()) == a.users.tolist()  # original order kept
+    assert any(q.sample(3, seed=s).users.tolist() != a.users.tolist() for s in range(8, 20))
+    assert q.sample(0, seed=7) is q and q.sample(99, seed=7) is q  # 0 / too many: everyone
+
+
+def test_padded_to_the_longest_history_most_recent_last():
+    q = queries().chunk(0, 4)  # lengths 3, 1, 4, 2
+    sids = torch.arange(200).repeat(2, 1).T.contiguous()  # item i -> code (i, i)
+    history, mask = q.padded(sids, max_history=3)
+    assert history.shape == (4, 3, 2)  # longest is 4, capped at max_history 3
+    assert mask.tolist() == [[True] * 3, [False, False, True], [True] * 3, [False, True, True]]
+    assert history[2, :, 0].tolist() == [105, 106, 107]  # the 3 most recent of 104..107
+    assert history[1, -1, 0].item() == 103
+    wide, _ = q.padded(sids, max_history=50)
+    assert wide.shape[1] == 4
