@@ -22,9 +22,12 @@ import numpy as np
 import torch
 
 from diffgrm_dist.model import DiffGRM, Memory
-from diffgrm_dist.shard import ragged_positions
+from diffgrm_dist.ragged import ragged_positions
+from diffgrm_dist.sids import SidTable
 
 NEG_INF = float("-inf")
+# How beams over codes become a ranking of items (see ``rank_items``).
+ITEM_RULES = ("code_prob", "expand")
 
 
 # --------------------------------------------------------------------------- hash table
@@ -107,7 +110,8 @@ class Catalogue:
     """
 
     def __init__(self, codes: np.ndarray, sizes: tuple[int, ...],
-                 collision_rank: np.ndarray | None = None, dense_limit: int = 1 << 26) -> None:
+                 collision_rank: np.ndarray | None = None, train_count: np.ndarray | None = None,
+                 dense_limit: int = 1 << 26) -> None:
         codes = np.asarray(codes, dtype=np.int64)
         self.sizes = tuple(int(s) for s in sizes)
         n = self.digits = len(self.sizes)
@@ -144,11 +148,28 @@ class Catalogue:
         self.item_offsets = np.append(starts, len(order)).astype(np.int64)
         self.item_list = order.astype(np.int64)
         self.num_codes = len(unique_full)
+        self.item_logp = self._item_log_prior(train_count)
+        self.item_group = np.empty(len(self.item_list), dtype=np.int64)  # each item's code group
+        self.item_group[self.item_list] = np.repeat(np.arange(self.num_codes), np.diff(self.item_offsets))
         partial = np.concatenate(hashed) if hashed else np.zeros(0, np.int64)
         self.table = KeyTable(np.concatenate([partial, self.pattern_key(full, unique_full)]),
                               np.concatenate([np.full(len(partial), -2, np.int64),
                                               np.arange(len(unique_full), dtype=np.int64)]))
         self._t: dict[str, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_sids(cls, sids: SidTable) -> Catalogue:
+        return cls(sids.codes, sids.sizes, sids.collision_rank, sids.train_count)
+
+    def _item_log_prior(self, train_count: np.ndarray | None) -> np.ndarray:
+        """log p(item | its code) for ``item_list``, from training counts smoothed as
+        (count + 1) / (code total + items in the code): an item alone in its code gets
+        log 1 = 0, and without counts the items of a code share it uniformly."""
+        per_code = np.diff(self.item_offsets)
+        counts = (np.zeros(len(self.item_list)) if train_count is None
+                  else np.asarray(train_count, dtype=np.float64)[self.item_list])
+        totals = np.add.reduceat(counts, self.item_offsets[:-1]) if len(counts) else counts
+        return (np.log(counts + 1.0) - np.repeat(np.log(totals + per_code), per_code)).astype(np.float32)
 
     def pattern_key(self, subset, index):
         """One int64 naming a pattern: its subset bitmask and its within-subset index."""
@@ -165,20 +186,20 @@ class Catalogue:
 
     def lookup(self, subset: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """-1 if the pattern (subset bitmask, within-subset index) exists in no item, else
-        its code group (full codes) or -2 (partial patterns)."""
+        its code group (full codes) or -2 (partial patterns); flat (N,) results."""
         t = self.tensors(index.device)
+        subset, index = subset.reshape(-1), index.reshape(-1)
         dense = t["dense"][subset]
-        position = torch.where(dense, t["bit_offset"][subset] + index, torch.zeros_like(index))
-        bit = (t["bitset"][position >> 3].long() >> (position & 7)) & 1
-        hashed = self.table.lookup(torch.where(dense, torch.zeros_like(index),
-                                               self.pattern_key(subset, index)))
-        return torch.where(dense, torch.where(bit == 1, -2, -1), hashed)
-
-    def item_groups(self) -> np.ndarray:
-        """Code group of every item (the index of its SID), read off the CSR arrays."""
-        groups = np.empty(len(self.item_list), dtype=np.int64)
-        groups[self.item_list] = np.repeat(np.arange(self.num_codes), np.diff(self.item_offsets))
-        return groups
+        out = torch.full_like(index, -1)
+        at = dense.nonzero().squeeze(1)  # bitset look-ups only where the subset has one
+        if len(at):
+            position = t["bit_offset"][subset[at]] + index[at]
+            bit = (t["bitset"][position >> 3] >> (position & 7).to(torch.uint8)) & 1
+            out[at] = torch.where(bit.bool(), -2, -1)
+        at = (~dense).nonzero().squeeze(1)  # the rest in the hash table
+        if len(at):
+            out[at] = self.table.lookup(self.pattern_key(subset[at], index[at]))
+        return out
 
     def subset_of(self, filled: torch.Tensor) -> torch.Tensor:
         return (filled.long() * self.tensors(filled.device)["bits"]).sum(-1)
@@ -190,7 +211,7 @@ class Catalogue:
     def groups_of(self, codes: torch.Tensor) -> torch.Tensor:
         """Code group of full codes (..., n); -1 where no item has the code."""
         full = torch.ones_like(codes, dtype=torch.bool)
-        return self.lookup(self.subset_of(full), self.index_of(codes, full))
+        return self.lookup(self.subset_of(full), self.index_of(codes, full)).view(codes.shape[:-1])
 
     def candidates_exist(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
         """For beams (..., n) with ``filled`` digits: (..., n, K) whether filling digit j with
@@ -205,13 +226,15 @@ class Catalogue:
         index = base[..., None] + own[..., None] * code
         subset = new_subset[..., None].expand_as(index)
         ok = ~filled[..., None] & (code < t["sizes"][:, None])
-        found = self.lookup(subset, torch.where(ok, index, torch.zeros_like(index)))
-        return ok & (found != -1)
+        at = ok.reshape(-1).nonzero().squeeze(1)  # only unfilled digits' real codes are looked up
+        exists = torch.zeros(ok.numel(), dtype=torch.bool, device=codes.device)
+        exists[at] = self.lookup(subset.reshape(-1)[at], index.reshape(-1)[at]) != -1
+        return exists.view_as(ok)
 
     @property
     def nbytes(self) -> int:
         return (self.table.nbytes + self.bitset.nbytes + self.item_offsets.nbytes
-                + self.item_list.nbytes)
+                + self.item_list.nbytes + self.item_logp.nbytes)
 
 
 # --------------------------------------------------------------------------- CPD
@@ -333,29 +356,57 @@ def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: i
     return Beams(codes, scores, groups)
 
 
+@dataclass
+class Ranked:
+    """One batch's recommendations: (U, k) items and scores under ``rule``, and the (U, k)
+    code groups of the top distinct SIDs (SID-level metrics); -1 = empty slot."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    groups: np.ndarray
+
+
+@torch.no_grad()
+def decode_beams(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
+                 catalogue: Catalogue, beam: int, decoder: str = "diffusion",
+                 final_step: str = "global", fill_order: torch.Tensor | None = None) -> Beams:
+    """Beam search over codes for one batch of histories (CPD or AR)."""
+    memory = model.encode(history, history_mask)
+    if decoder == "autoregressive":
+        return ar_beam_search(model, memory, catalogue, beam)
+    if decoder == "diffusion":
+        return cpd(model, memory, catalogue, beam, final_step, fill_order)
+    raise ValueError(f"model.decoder: {decoder!r} has no beam search")
+
+
+@torch.no_grad()
+def dense_top_items(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
+                    item_group: np.ndarray, k: int) -> Ranked:
+    """Dense head: top-k items of the full softmax; SIDs ranked by their best item."""
+    logp = torch.log_softmax(model.item_logits(model.encode(history, history_mask)).float(), -1)
+    width = min(logp.shape[1], 8 * k)  # enough items to find k distinct codes in practice
+    scores, items = logp.topk(width, dim=-1)
+    items, scores = items.cpu().numpy(), scores.cpu().numpy()
+    groups, _ = first_distinct(item_group[items], scores, k)
+    return Ranked(items[:, :k], scores[:, :k], groups)
+
+
 @torch.no_grad()
 def recommend_batch(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
                     catalogue: Catalogue, beam: int, k: int, decoder: str = "diffusion",
-                    final_step: str = "global", fill_order: torch.Tensor | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Beam search for one batch of histories: (U, k) top items, their scores, and the
-    (U, k) code groups of the top distinct SIDs (-1 = none)."""
-    memory = model.encode(history, history_mask)
-    if decoder == "autoregressive":
-        beams = ar_beam_search(model, memory, catalogue, beam)
-    else:
-        beams = cpd(model, memory, catalogue, beam, final_step, fill_order)
-    groups, scores = distinct_sids(beams, k)
-    items, item_scores = top_items(groups, scores, catalogue, k)
-    return items, item_scores, groups
+                    final_step: str = "global", fill_order: torch.Tensor | None = None,
+                    rules: tuple[str, ...] = ("code_prob",)) -> dict[str, Ranked]:
+    """Top-k items under each item rule in ``rules`` (one beam search serves them all)."""
+    if decoder == "dense":
+        ranked = dense_top_items(model, history, history_mask, catalogue.item_group, k)
+        return {rule: ranked for rule in rules}
+    beams = decode_beams(model, history, history_mask, catalogue, beam, decoder, final_step, fill_order)
+    return {rule: rank_items(beams, catalogue, k, rule) for rule in rules}
 
 
-def distinct_sids(beams: Beams, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(U, k) code groups of the top-k distinct SIDs per user (-1 = none), and their scores.
-
-    Beams are sorted by score, so the first occurrence of a code is its best fill order."""
-    groups = beams.groups.cpu().numpy()
-    scores = beams.scores.float().cpu().numpy()
+def first_distinct(groups: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first ``k`` distinct non-negative ids of ``groups`` (rows sorted by score,
+    so the first occurrence is the best) and their scores; -1 / -inf pad."""
     users, width = groups.shape
     by_group = np.lexsort((np.broadcast_to(np.arange(width), groups.shape), groups), axis=1)
     g_sorted = np.take_along_axis(groups, by_group, 1)
@@ -373,20 +424,52 @@ def distinct_sids(beams: Beams, k: int) -> tuple[np.ndarray, np.ndarray]:
     return out_groups, out_scores
 
 
-def top_items(groups: np.ndarray, scores: np.ndarray, catalogue: Catalogue,
-              k: int) -> tuple[np.ndarray, np.ndarray]:
+def distinct_sids(beams: Beams, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U, k) code groups of the top-k distinct SIDs per user (-1 = none), and their scores.
+
+    Beams are sorted by score, so the first occurrence of a code is its best fill order."""
+    return first_distinct(beams.groups.cpu().numpy(), beams.scores.float().cpu().numpy(), k)
+
+
+def rank_items(beams: Beams, catalogue: Catalogue, k: int, rule: str = "code_prob") -> Ranked:
+    """Items ranked from the codes the beam search found.
+
+    ``code_prob`` (default): every distinct code the beams reached (not only the first k)
+    offers its items, each scored log p(code) + log p(item | code), and the best k items
+    win, so a crowded code's unlikely items fall below the next code's likely one and an
+    item alone in its code keeps the code's score. ``expand``: the top-k distinct codes
+    list all their items (collision-rank order) with the code's score, until k are filled."""
+    top_groups, _ = distinct_sids(beams, k)
+    if rule == "expand":
+        items, scores = top_items(*distinct_sids(beams, k), catalogue, k)
+    elif rule == "code_prob":
+        groups, code_scores = distinct_sids(beams, beams.groups.shape[1])
+        items, scores = top_items(groups, code_scores, catalogue, k, with_prior=True)
+    else:
+        raise ValueError(f"eval.item_rule: {rule!r} is not one of {ITEM_RULES}")
+    return Ranked(items, scores, top_groups)
+
+
+def top_items(groups: np.ndarray, scores: np.ndarray, catalogue: Catalogue, k: int,
+              with_prior: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Expands ranked SIDs (from ``distinct_sids``) to the top-k items per user (-1 = none).
 
-    A SID standing for several items (collision rule ``expand``) contributes them in
-    collision-rank order, all with the SID's score."""
+    A SID contributes its first k items in collision-rank order. Without ``with_prior`` they
+    all carry the SID's score and keep the SIDs' order; with it each item's score adds
+    log p(item | code) and the expanded items are re-ranked by that score."""
     users = groups.shape[0]
     rows, cols = np.nonzero(groups >= 0)  # row-major: score order within each row
     g = groups[rows, cols]
     starts = catalogue.item_offsets[g]
     counts = np.minimum(catalogue.item_offsets[g + 1] - starts, k)
     rep_rows = np.repeat(rows, counts)
-    items = catalogue.item_list[np.repeat(starts, counts) + ragged_positions(counts)]
+    slots = np.repeat(starts, counts) + ragged_positions(counts)
+    items = catalogue.item_list[slots]
     item_scores = np.repeat(scores[rows, cols], counts)
+    if with_prior:
+        item_scores = item_scores + catalogue.item_logp[slots]
+        order = np.lexsort((-item_scores, rep_rows))  # stable: ties keep the codes' order
+        rep_rows, items, item_scores = rep_rows[order], items[order], item_scores[order]
     pos = ragged_positions(np.bincount(rep_rows, minlength=users))  # rank within the user's row
     ok = pos < k
     out_items = np.full((users, k), -1, dtype=np.int64)

@@ -13,6 +13,13 @@ The whole model in one file. Shapes: B users, L history slots, n digits, d model
   digit i's code table (tied weights).
 - Autoregressive decoder (TIGER-style baseline, ``decoder="autoregressive"``): the same
   blocks with a causal mask over [BOS, digit 0, ..., digit n-2].
+- Dense head (SASRec-style baseline, ``decoder="dense"``): the encoder state of the most
+  recent history slot against a learned embedding per item, a full softmax over the
+  catalogue. It tells whether the encoder and the training loop learn at all.
+
+History slots are left padded and positions count back from the most recent slot, so a
+batch padded only to its own longest history gives the same result as one padded to
+``max_history``.
 
 Cross-attention keys/values are exposed (``cross_kv``) so beam search computes them once
 per user and reuses them for every beam. No distributed code lives here.
@@ -35,6 +42,7 @@ class SidSpec:
 
     sizes: tuple[int, ...]  # codes per digit (the extra digit may have fewer)
     max_history: int
+    items: int = 0  # catalogue size: the output layer of the dense head
 
     @property
     def digits(self) -> int:
@@ -146,8 +154,12 @@ class DiffGRM(nn.Module):
         self.mask_emb = nn.Parameter(torch.zeros(n, d))  # one mask embedding per digit
         self.digit_pos = nn.Parameter(torch.zeros(n, d))
         self.bos = nn.Parameter(torch.zeros(d))  # autoregressive decoder only
-        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        dense = cfg.decoder == "dense"
+        if dense and spec.items < 1:
+            raise ValueError("model.decoder=dense needs the catalogue size (SidSpec.items)")
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(0 if dense else cfg.decoder_layers))
         self.decoder_ln = nn.LayerNorm(d)
+        self.item_emb = nn.Embedding(spec.items, d) if dense else None
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(self._init)
         for p in (self.mask_emb, self.digit_pos, self.bos):
@@ -165,11 +177,13 @@ class DiffGRM(nn.Module):
 
     # ------------------------------------------------------------------ encoder
     def encode(self, history: torch.Tensor, history_mask: torch.Tensor) -> Memory:
-        """history: (B, L, n) codes (anything where masked out), history_mask: (B, L) bool."""
+        """history: (B, L, n) codes (anything where masked out), history_mask: (B, L) bool,
+        L <= max_history slots, left padded (the most recent item in the last slot)."""
         b, length, n = history.shape
         tokens = torch.where(history_mask[..., None], history + self.offsets, self.pad)
         items = self.item_mlp(self.codes(tokens).reshape(b, length, -1))
-        x = self.drop(items + self.history_pos.weight[:length])
+        # Position counted back from the most recent (last) slot: padding-width independent.
+        x = self.drop(items + self.history_pos.weight[self.spec.max_history - length:])
         # Users with no history at all would attend to nothing; let them see slot 0.
         keys = history_mask.clone()
         keys[:, 0] |= ~history_mask.any(dim=1)
@@ -221,6 +235,10 @@ class DiffGRM(nn.Module):
         for block, kv in zip(self.decoder, memory.kv):
             x = block(x, kv, memory.mask, causal=True, group=group)
         return self.stacked_logits(self.decoder_ln(x))
+
+    def item_logits(self, memory: Memory) -> torch.Tensor:
+        """Dense head: (B, items) logits of every catalogue item against its learned embedding."""
+        return self.decoder_ln(memory.last) @ self.item_emb.weight.T
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,4 +1,4 @@
-"""Training objectives: On-policy Coherent Noising (OCN), its ablation controls, and AR CE.
+"""Training objectives: On-policy Coherent Noising (OCN), its ablation controls, AR and dense CE.
 
 OCN (see ../shared/docs/diffgrm-reference.md):
 1. encode the history once;
@@ -67,15 +67,37 @@ def rank_of(order: torch.Tensor) -> torch.Tensor:
     return rank
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row label-smoothed cross-entropy, the smoothing mass spread over valid classes only.
+
+    logits (R, K), targets (R,), valid (R, K) bool or None (all valid). Classes that do not
+    exist (codes beyond a smaller digit's size) get neither probability nor gradient;
+    ``F.cross_entropy(label_smoothing=...)`` would spread mass onto their -inf/-1e9 logits."""
+    logits = logits.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(1, targets[:, None])[:, 0]
+    if not label_smoothing:
+        return nll
+    if valid is None:
+        uniform = -logp.mean(-1)
+    else:
+        uniform = -torch.where(valid, logp, torch.zeros_like(logp)).sum(-1) / valid.sum(-1)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+
+
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
                          label_smoothing: float, mean: str, sizes: tuple[int, ...]) -> torch.Tensor:
     """logits (V, B, n, K), targets (B, n), masks (V, B, n) -> scalar loss."""
     v, b, n, k = logits.shape
-    if len(set(sizes)) > 1:  # smoothing mass only over each digit's real codes
-        valid = torch.arange(k, device=logits.device)[None, :] < torch.tensor(sizes, device=logits.device)[:, None]
-        logits = logits.masked_fill(~valid, -1e9)
-    ce = F.cross_entropy(logits.reshape(-1, k).float(), targets.expand(v, b, n).reshape(-1),
-                         reduction="none", label_smoothing=label_smoothing).view(v, b, n)
+    valid = None
+    if len(set(sizes)) > 1:  # a digit with fewer codes (the extra digit): smooth over its own
+        per_digit = torch.arange(k, device=logits.device) < torch.tensor(sizes, device=logits.device)[:, None]
+        valid = per_digit.expand(v, b, n, k).reshape(-1, k)
+    ce = smoothed_cross_entropy(logits.reshape(-1, k), targets.expand(v, b, n).reshape(-1),
+                                label_smoothing, valid).view(v, b, n)
     m = masks.to(ce.dtype)
     if mean == "token":
         return (ce * m).sum() / m.sum().clamp_min(1.0)
@@ -133,8 +155,8 @@ class DiffusionObjective(nn.Module):
             views.append(masked.clone())
         return torch.stack(views[::-1])  # view t masks t+1 digits
 
-    def forward(self, history: torch.Tensor, history_mask: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, history: torch.Tensor, history_mask: torch.Tensor, targets: torch.Tensor,
+                items: torch.Tensor | None = None) -> torch.Tensor:
         memory = self.model.encode(history, history_mask)
         masks = self.views(memory, targets)  # (V, B, n)
         v, b, n = masks.shape
@@ -153,13 +175,28 @@ class AutoregressiveObjective(nn.Module):
         super().__init__()
         self.model, self.label_smoothing = model, label_smoothing
 
-    def forward(self, history: torch.Tensor, history_mask: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, history: torch.Tensor, history_mask: torch.Tensor, targets: torch.Tensor,
+                items: torch.Tensor | None = None) -> torch.Tensor:
         memory = self.model.encode(history, history_mask)
         logits = self.model.autoregress(memory, targets[:, :-1])
         masks = torch.ones_like(targets, dtype=torch.bool)[None]
         return masked_cross_entropy(logits[None], targets, masks, self.label_smoothing, "token",
                                     self.model.spec.sizes)
+
+
+class DenseObjective(nn.Module):
+    """Full-softmax cross-entropy over the catalogue's items (the SASRec-style baseline)."""
+
+    def __init__(self, model: DiffGRM, label_smoothing: float) -> None:
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, history: torch.Tensor, history_mask: torch.Tensor, targets: torch.Tensor,
+                items: torch.Tensor | None = None) -> torch.Tensor:
+        if items is None:
+            raise ValueError("the dense objective needs the target items")
+        logits = self.model.item_logits(self.model.encode(history, history_mask))
+        return smoothed_cross_entropy(logits, items, self.label_smoothing).mean()
 
 
 def _detached(memory: Memory) -> Memory:

@@ -5,7 +5,8 @@
 2. Fit the quantiser (``quantize.py``: whitened PCA + OPQ + PQ, or RQ-KMeans) on the items
    seen in training, and encode every item.
 3. Apply the collision rule and write ``RUN_DIR/tokenize/``: ``sids.parquet`` (``item``,
-   ``d0..d{n-1}`` [+ the extra digit], ``collision_rank``), ``quantizer/`` and ``stats.json``.
+   ``d0..d{n-1}`` [+ the extra digit], ``collision_rank``, ``train_count``: how often the
+   item is a training target), ``quantizer/`` and ``stats.json``.
 
 ``encode_new_items`` assigns SIDs to items outside the catalogue with the saved quantiser
 (cold start) without refitting anything.
@@ -30,7 +31,7 @@ from diffgrm_dist.errors import DataError
 from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats, gpu_count
 from diffgrm_dist.readers import iter_lines
 from diffgrm_dist.rundir import RunDir, atomic_file
-from diffgrm_dist.shard import load_sid_matrix
+from diffgrm_dist.sids import load_sids
 from diffgrm_dist.text import render_text, template_fields
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,12 @@ def embedding_cache(cfg: ExperimentConfig, run_dir: RunDir) -> Path:
     return Path(cfg.tokenize.embedding_cache) if cfg.tokenize.embedding_cache else run_dir.root / "embeddings"
 
 
-def sid_table(items: np.ndarray, codes: np.ndarray, rank: np.ndarray) -> pa.Table:
+def sid_table(items: np.ndarray, codes: np.ndarray, rank: np.ndarray, train_count: np.ndarray) -> pa.Table:
     columns: dict[str, Any] = {"item": pa.array(items.astype(np.int32))}
     for name, column in zip(digit_columns(codes.shape[1]), codes.T):
         columns[name] = pa.array(column.astype(np.int32))
     columns["collision_rank"] = pa.array(rank.astype(np.int32))
+    columns["train_count"] = pa.array(train_count.astype(np.int64))
     return pa.table(columns)
 
 
@@ -82,8 +84,8 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
     assignment = assign_sids(codes, tcfg.collision, priority=popularity)
     quantizer.save(out / "quantizer", extra={"model": tcfg.model, "collision": tcfg.collision,
                                              "pca_dim": tcfg.pca_dim})
-    pq.write_table(sid_table(items["item"].to_numpy(), assignment.codes, assignment.collision_rank),
-                   out / "sids.parquet")
+    pq.write_table(sid_table(items["item"].to_numpy(), assignment.codes, assignment.collision_rank,
+                             popularity), out / "sids.parquet")
     stats = {
         **code_stats(codes, assignment, tcfg.codebook_size),
         "quantizer": tcfg.quantizer,
@@ -155,10 +157,11 @@ def encode_new_items(cfg: ExperimentConfig, run_dir: RunDir, path: Path) -> Path
     tcfg.model = meta["model"]
     embeddings, _ = embed_catalogue(texts, embedding_cache(cfg, run_dir), tcfg)
     codes = quantizer.encode(embeddings)
-    base = load_sid_matrix(stage)[0][:, :quantizer.digits].astype(np.int64)  # without an extra digit
+    base = load_sids(stage).codes[:, :quantizer.digits].astype(np.int64)  # without an extra digit
     combined = assign_sids(np.concatenate([base, codes]), meta["collision"])
     new_codes = combined.codes[len(base):]
-    table = sid_table(np.arange(len(ids)), new_codes, combined.collision_rank[len(base):])
+    table = sid_table(np.arange(len(ids)), new_codes, combined.collision_rank[len(base):],
+                      np.zeros(len(ids), np.int64))
     table = table.drop(["item"]).add_column(0, "item_id", pa.array(ids, pa.string()))
     table = table.append_column("catalogue_items_with_code",
                                 pa.array((combined.group_size[len(base):]

@@ -52,10 +52,12 @@ def test_outputs(trained, tmp_path, run_cli):
     code, out, err = run_cli("evaluate", "-c", TINY, "-o", run, "eval.launcher=local")
     assert code == 0, err
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
-    for level in ("item", "sid", "popularity"):
+    for level in ("item", "sid", "popularity", "item.code_prob", "item.expand"):
         assert set(metrics[level]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
         assert all(0 <= v <= 1 for v in metrics[level].values())
-    assert metrics["sid"]["recall@10"] >= metrics["item"]["recall@10"]  # a SID hit is looser
+    assert metrics["item_rule"] == "code_prob" and metrics["item"] == metrics["item.code_prob"]
+    # expand ranks only the top-10 codes' items: a SID hit is looser than its item hit.
+    assert metrics["sid"]["recall@10"] >= metrics["item.expand"]["recall@10"]
     assert metrics["users_per_s"] > 0 and metrics["decode_s"] > 0
     rankings = pq.read_table(run / "evaluate" / "rankings.parquet")
     assert rankings.column_names == ["user", "rank", "item", "score"]
@@ -89,3 +91,24 @@ def test_recommend_cli(trained, run_cli):
     assert 1 <= len(lines) <= 10 and "Title:" in lines[0]
     code, _, err = run_cli("recommend", "-c", TINY, "-o", trained, "--history", "no-such-item")
     assert code == 2 and "unknown item id 'no-such-item'" in err
+
+
+@pytest.mark.slow
+def test_dense_baseline_trains_and_ranks_the_catalogue(tiny_run, tmp_path, run_cli):
+    """model.decoder=dense: the same encoder with a full softmax over items, through the
+    same train and evaluate stages (validation on a seeded sample of users)."""
+    run = tmp_path / "dense"
+    shutil.copytree(tiny_run, run)
+    overrides = ["model.decoder=dense", "train.launcher=local", "train.epochs=3", "train.lr=0.01",
+                 "train.wandb_mode=disabled", "eval.valid_users=40", "eval.launcher=local"]
+    for stage in ("train", "evaluate"):
+        code, _, err = run_cli(stage, "-c", TINY, "-o", run, *overrides)
+        assert code == 0, err
+    history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["loss"] < history[0]["loss"]
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert metrics["decoder"] == "dense" and "item.expand" not in metrics
+    assert metrics["users"] == pq.read_metadata(run / "prepare" / "test.parquet").num_rows
+    assert metrics["sid"]["recall@10"] >= metrics["item"]["recall@10"]  # items' own codes
+    rankings = pq.read_table(run / "evaluate" / "rankings.parquet").to_pylist()
+    assert len(rankings) == 10 * metrics["users"]  # a full softmax always fills the top 10

@@ -159,3 +159,42 @@ def test_ocn_probe_runs_without_dropout_and_without_grad():
     b = obj.probe(memory, targets, all_masked)
     assert torch.equal(a, b) and not a.requires_grad  # deterministic: dropout off
     assert m.training  # and training mode restored afterwards
+
+
+def test_padding_width_does_not_change_the_encoding():
+    """Positions count back from the most recent slot, so a batch padded only to its own
+    longest history encodes exactly as one padded to max_history."""
+    m = model()
+    history, mask, _ = batch()
+    full = m.encode(history, mask)
+    width = int(mask.sum(1).max())  # 6 of 10 slots
+    narrow = m.encode(history[:, -width:], mask[:, -width:])
+    torch.testing.assert_close(narrow.last, full.last, rtol=1e-5, atol=1e-6)
+    targets = torch.zeros(6, 4, dtype=torch.long)
+    masked = torch.ones(6, 4, dtype=torch.bool)
+    torch.testing.assert_close(m.denoise(narrow, targets, masked), m.denoise(full, targets, masked),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dense_head_scores_every_item_and_learns():
+    from diffgrm_dist.objectives import DenseObjective
+
+    torch.manual_seed(0)
+    m = DiffGRM(ModelConfig(d_model=32, heads=4, ffn=64, decoder="dense", dropout=0.0),
+                SidSpec((16,) * 4, 10, items=50))
+    assert len(m.decoder) == 0 and m.item_emb.weight.shape == (50, 32)
+    history, mask, targets = batch()
+    items = torch.arange(6) * 7
+    assert m.item_logits(m.encode(history, mask)).shape == (6, 50)
+    objective = DenseObjective(m, label_smoothing=0.0)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):  # a handful of examples are memorised by a working loop
+        loss = objective(history, mask, targets, items)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first == pytest.approx(math.log(50), rel=0.05) and loss.item() < 0.2 * first
+    with pytest.raises(ValueError, match="catalogue size"):
+        DiffGRM(ModelConfig(decoder="dense"), SidSpec((16,) * 4, 10))

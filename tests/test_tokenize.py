@@ -25,8 +25,10 @@ def test_outputs_and_stats(tiny_run):
     cfg = load_config(TINY)
     sids = pq.read_table(tiny_run / "tokenize" / "sids.parquet")
     items = pq.read_table(tiny_run / "prepare" / "items.parquet")
-    assert sids.column_names == ["item", "d0", "d1", "d2", "collision_rank"]
+    assert sids.column_names == ["item", "d0", "d1", "d2", "collision_rank", "train_count"]
     assert sids["item"].to_pylist() == items["item"].to_pylist()
+    targets = pq.read_table(tiny_run / "prepare" / "train.parquet")["target"].to_numpy()
+    assert sids["train_count"].to_numpy().tolist() == np.bincount(targets, minlength=items.num_rows).tolist()
     codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(3)], axis=1)
     assert codes.min() >= 0 and codes.max() < cfg.tokenize.codebook_size
     stats = json.loads((tiny_run / "tokenize" / "stats.json").read_text())
@@ -129,7 +131,7 @@ def test_extra_digit_and_rq_kmeans(tiny_run, tmp_path, run_cli, rule):
                              f"tokenize.collision={rule}", f"tokenize.embedding_cache={cache}")
     assert code == 0, err
     sids = pq.read_table(run / "tokenize" / "sids.parquet")
-    assert sids.column_names == ["item", "d0", "d1", "d2", "d3", "collision_rank"]
+    assert sids.column_names == ["item", "d0", "d1", "d2", "d3", "collision_rank", "train_count"]
     codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(4)], axis=1)
     assert len(np.unique(codes, axis=0)) == sids.num_rows  # every SID unique
     assert np.array_equal(codes[:, 3], sids["collision_rank"].to_numpy())
