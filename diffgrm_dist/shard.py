@@ -1,27 +1,35 @@
-"""shard stage: training windows -> WebDataset tar shards, plus the streaming reader.
+"""shard stage: training windows -> WebDataset tar shards, plus the two training readers.
 
 Writing: every window (user, history of item SIDs, target SID, target item) becomes one
 WebDataset sample; training windows are shuffled once (seeded) so every shard is a mix of
 users, then cut into shards of ``shard.samples_per_shard``. Validation and test examples go
-to their own shard sets. ``shards.json`` lists each set's shards with sample counts and
-sha256 checksums.
+to their own shard sets. Each set also gets ``index.npy``: where every sample's bytes sit in
+its tar and its history length, for random access. ``shards.json`` lists each set's shards
+with sample counts and sha256 checksums, and its index with its checksum.
 
-Reading (``ShardStream``): the epoch's sample order is a seeded permutation of the shards;
-ranks, and the DataLoader workers inside each rank, take contiguous, near-equal ranges of
-that order (a range may start or end inside a shard, which is read and cut with
-WebDataset's tar reader). So per epoch every sample is read exactly once across all ranks
-and workers, and ``BalancedBatches`` gives every rank the same number of steps: splitting
-by whole shards, as ``wds.split_by_node`` does, would leave ranks with different sample
-counts and hang collective ops at epoch end.
+Reading, both exactly once per epoch across ranks, with the same number of steps on every
+rank (ranks with different counts would hang collective ops at epoch end):
+
+* ``ShardStream`` + ``BalancedBatches``: the epoch's sample order is a seeded permutation of
+  the shards; ranks, and the DataLoader workers inside each rank, take contiguous,
+  near-equal ranges of that order (a range may start or end inside a shard, which is read
+  and cut with WebDataset's tar reader), mixed by a small shuffle buffer. Sequential reads.
+* ``ShuffledBatches``: every epoch is a fresh seeded permutation of all samples
+  (``epoch_batches``), read by random access through the index (``IndexedWindows``), with
+  optional length bucketing so batches pad less.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import mmap
+import os
 import random
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,9 @@ import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 
+from diffgrm_dist.ragged import left_pad_index
 from diffgrm_dist.rundir import file_sha256
+from diffgrm_dist.sids import load_sids
 
 SPLITS = ("train", "valid", "test")
 
@@ -40,22 +50,12 @@ SPLITS = ("train", "valid", "test")
 # --------------------------------------------------------------------------- writing
 
 
-def load_sid_matrix(tokenize_dir: Path) -> tuple[np.ndarray, list[int], np.ndarray]:
-    """(items, digits) SID matrix in item order, codes per digit, and each item's rank
-    among the items sharing its code."""
-    sids = pq.read_table(tokenize_dir / "sids.parquet")
-    digits = [c for c in sids.column_names if c.startswith("d") and c[1:].isdigit()]
-    matrix = np.stack([sids[c].to_numpy() for c in digits], axis=1).astype(np.int16)
-    order = np.argsort(sids["item"].to_numpy())
-    meta = json.loads((tokenize_dir / "quantizer" / "quantizer.json").read_text())
-    stats = json.loads((tokenize_dir / "stats.json").read_text())
-    sizes = [meta["codebook_size"]] * meta["digits"]
-    if len(digits) > meta["digits"]:
-        sizes.append(int(stats["extra_digit_size"]))
-    return matrix[order], sizes, sids["collision_rank"].to_numpy()[order]
-
-
 _HEADER = np.dtype([("user", "<i4"), ("item", "<i4"), ("length", "<i4")])
+
+INDEX_NAME = "index.npy"
+# One row per sample, in sample order: its shard's number, where its ``win`` bytes start in
+# that tar and how many there are, and its history length (for length bucketing).
+_INDEX = np.dtype([("shard", "<i8"), ("offset", "<i8"), ("size", "<i8"), ("length", "<i8")])
 
 
 def encode_window(user: int, item: int, target: np.ndarray, history: np.ndarray) -> bytes:
@@ -74,8 +74,9 @@ def decode_window(data: bytes, digits: int) -> dict[str, Any]:
 
 
 def write_split(table: pa.Table, sids: np.ndarray, out: Path, split: str,
-                samples_per_shard: int, shuffle_seed: int | None) -> list[dict[str, Any]]:
-    """Writes one split's windows as tar shards; returns their manifest entries."""
+                samples_per_shard: int, shuffle_seed: int | None) -> dict[str, Any]:
+    """Writes one split's windows as tar shards plus their index; returns the split's
+    manifest entry: ``samples``, ``shards`` (name, samples, sha256 each) and ``index``."""
     out.mkdir(parents=True, exist_ok=True)
     n = table.num_rows
     order = (np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None
@@ -95,19 +96,40 @@ def write_split(table: pa.Table, sids: np.ndarray, out: Path, split: str,
                                              sids[history])})
     shards = sorted(out.glob(f"{split}-*.tar"))
     counts = [min(samples_per_shard, n - i * samples_per_shard) for i in range(len(shards))]
-    return [{"name": p.name, "samples": c, "sha256": file_sha256(p)} for p, c in zip(shards, counts)]
+    index_path = out / INDEX_NAME
+    np.save(index_path, index_shards(shards, sids.shape[1]), allow_pickle=False)
+    return {"samples": n,
+            "shards": [{"name": p.name, "samples": c, "sha256": file_sha256(p)}
+                       for p, c in zip(shards, counts)],
+            "index": {"name": INDEX_NAME, "sha256": file_sha256(index_path)}}
+
+
+def index_shards(paths: Sequence[Path], digits: int) -> np.ndarray:
+    """Scans finished tars for every sample's data offset and size, so training can seek to
+    any sample without reading tar headers; history lengths follow from the sizes."""
+    rows = []
+    for number, path in enumerate(paths):
+        with tarfile.open(path) as tar:
+            rows += [(number, m.offset_data, m.size) for m in tar if m.name.endswith(".win")]
+    flat = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    index = np.zeros(len(flat), dtype=_INDEX)
+    index["shard"], index["offset"], index["size"] = flat.T
+    # header, then ``digits`` target codes and ``length * digits`` history codes, int16 each
+    index["length"] = (index["size"] - _HEADER.itemsize) // (2 * digits) - 1
+    return index
 
 
 def run_shard(cfg, run_dir, out: Path) -> dict[str, Any]:
     prepare_dir, tokenize_dir = run_dir.stage_path("prepare"), run_dir.stage_path("tokenize")
-    sids, sizes, _ = load_sid_matrix(tokenize_dir)
+    table = load_sids(tokenize_dir)
+    sids, sizes = table.codes, list(table.sizes)
     manifest: dict[str, Any] = {"digit_sizes": sizes, "max_history": cfg.prepare.max_history,
                                 "splits": {}}
     for split in SPLITS:
         table = pq.read_table(prepare_dir / f"{split}.parquet")
         seed = cfg.shard.seed + cfg.seed if split == "train" else None
-        entries = write_split(table, sids, out / split, split, cfg.shard.samples_per_shard, seed)
-        manifest["splits"][split] = {"samples": table.num_rows, "shards": entries}
+        manifest["splits"][split] = write_split(table, sids, out / split, split,
+                                                cfg.shard.samples_per_shard, seed)
     (out / "shards.json").write_text(json.dumps(manifest, indent=2) + "\n")
     stats = {f"{s}_samples": manifest["splits"][s]["samples"] for s in SPLITS}
     stats.update({f"{s}_shards": len(manifest["splits"][s]["shards"]) for s in SPLITS})
@@ -121,20 +143,28 @@ def run_shard(cfg, run_dir, out: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ShardSet:
-    """One split's shards: paths and sample counts, from shards.json."""
+    """One split's shards: paths and sample counts, from shards.json, and the split's sample
+    index (``index_shards``) where the shard stage wrote one."""
 
     paths: tuple[str, ...]
     counts: tuple[int, ...]
     digit_sizes: tuple[int, ...]
     max_history: int
+    index: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, shard_dir: Path, split: str) -> ShardSet:
         manifest = json.loads((shard_dir / "shards.json").read_text())
-        entries = manifest["splits"][split]["shards"]
-        return cls(tuple(str(shard_dir / split / e["name"]) for e in entries),
-                   tuple(int(e["samples"]) for e in entries), tuple(manifest["digit_sizes"]),
-                   int(manifest["max_history"]))
+        entry = manifest["splits"][split]
+        counts = tuple(int(e["samples"]) for e in entry["shards"])
+        index = None
+        if "index" in entry:
+            index = np.load(shard_dir / split / entry["index"]["name"], allow_pickle=False)
+            per_shard = np.bincount(index["shard"], minlength=len(counts))
+            if index.dtype != _INDEX or per_shard.tolist() != list(counts):
+                raise ValueError(f"{shard_dir / split}: index does not match shards.json")
+        return cls(tuple(str(shard_dir / split / e["name"]) for e in entry["shards"]), counts,
+                   tuple(manifest["digit_sizes"]), int(manifest["max_history"]), index)
 
     @property
     def samples(self) -> int:
@@ -146,6 +176,18 @@ def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(total, parts)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
+
+
+def split_bounds(total: int, parts: int) -> np.ndarray:
+    """All of ``split_range``'s cuts at once: part i is [bounds[i], bounds[i + 1])."""
+    base, extra = divmod(total, parts)
+    i = np.arange(parts + 1)
+    return i * base + np.minimum(i, extra)
+
+
+def epoch_steps(total: int, world: int, batch_size: int) -> int:
+    """Steps per epoch, the same on every rank: enough for the largest rank's share."""
+    return max(1, -(-total // (world * batch_size)))
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -203,32 +245,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield {**decode_window(sample["win"], digits), "key": sample["__key__"]}
 
 
-def ragged_positions(lengths: np.ndarray) -> np.ndarray:
-    """Rows of these lengths laid end to end: each element's position within its row."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-
-
-def left_pad_index(ends: np.ndarray, lengths: np.ndarray, width: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For rows of a flat array ending at ``ends``, where their last ``lengths`` elements go
-    in a (rows, width) left-padded batch, the most recent in the last slot:
-    (batch row, slot, position in the flat array) of every element placed."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    within = ragged_positions(lengths)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    slots = width - np.repeat(lengths, lengths) + within
-    source = np.repeat(np.asarray(ends, dtype=np.int64) - lengths, lengths) + within
-    return rows, slots, source
-
-
 def collate(samples: list[dict[str, Any]], max_history: int, digits: int) -> dict[str, torch.Tensor]:
-    """Left-pads histories so the most recent item always sits in the last slot."""
+    """Left-pads histories to the batch's longest (at most ``max_history``, at least one
+    slot), the most recent item in the last slot. The model counts positions back from that
+    slot, so this equals padding to ``max_history`` without computing on the padding."""
     b = len(samples)
-    history = np.zeros((b, max_history, digits), dtype=np.int64)
-    mask = np.zeros((b, max_history), dtype=bool)
     full = np.array([len(s["hist"]) for s in samples], dtype=np.int64)
-    rows, slots, source = left_pad_index(np.cumsum(full), np.minimum(full, max_history), max_history)
+    width = max(1, min(max_history, int(full.max(initial=0))))
+    history = np.zeros((b, width, digits), dtype=np.int64)
+    mask = np.zeros((b, width), dtype=bool)
+    rows, slots, source = left_pad_index(np.cumsum(full), np.minimum(full, width), width)
     history[rows, slots] = np.concatenate([s["hist"] for s in samples])[source]
     mask[rows, slots] = True
     return {"history": torch.from_numpy(history), "history_mask": torch.from_numpy(mask),
@@ -253,8 +279,10 @@ class BalancedBatches:
     def __init__(self, stream: ShardStream, batch_size: int, loader_workers: int) -> None:
         self.stream, self.batch_size = stream, batch_size
         self.workers = loader_workers
-        total = stream.shards.samples
-        self.steps = max(1, -(-total // (stream.world * batch_size)))
+        self.steps = epoch_steps(stream.shards.samples, stream.world, batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.steps
@@ -271,3 +299,113 @@ class BalancedBatches:
             yield collate(batch, self.stream.shards.max_history, digits)
         for leftover in it:  # the stream and the plan disagree: a bug, not a data problem
             raise RuntimeError(f"rank {self.stream.rank}: sample {leftover['key']} beyond the plan")
+
+
+# --------------------------------------------------------------------------- global shuffle
+
+
+class IndexedWindows(torch.utils.data.Dataset):
+    """One split's windows by sample id (their order in the shards), read through the index.
+
+    Shard files are memory-mapped on first use in each process, so DataLoader workers open
+    their own maps rather than share a parent's; at most ``max_open`` stay mapped (each
+    holds a file descriptor). Samples are decoded by ``decode_window``: no pickle ever
+    touches shard contents.
+    """
+
+    def __init__(self, shards: ShardSet, max_open: int = 256) -> None:
+        if shards.index is None:
+            raise ValueError(f"{Path(shards.paths[0]).parent}: no {INDEX_NAME}; rerun the shard stage")
+        self.shards, self.max_open = shards, max_open
+        self.digits = len(shards.digit_sizes)
+        self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.shards.index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Maps do not pickle; a spawned worker opens its own."""
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def _map(self, shard: int) -> mmap.mmap:
+        if self._pid != os.getpid():  # a forked worker: drop the parent's maps
+            self._maps, self._pid = OrderedDict(), os.getpid()
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+        else:
+            if len(self._maps) >= self.max_open:
+                self._maps.popitem(last=False)[1].close()
+            with open(self.shards.paths[shard], "rb") as fh:
+                self._maps[shard] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[shard]
+
+    def read(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """The samples with these ids, in this order."""
+        rows = self.shards.index[np.asarray(ids, dtype=np.int64)]
+        return [decode_window(self._map(shard)[offset:offset + size], self.digits)
+                for shard, offset, size in zip(rows["shard"].tolist(), rows["offset"].tolist(),
+                                               rows["size"].tolist())]
+
+    __getitems__ = read  # DataLoader fetches a whole batch in one call
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.read([i])[0]
+
+
+def epoch_batches(lengths: np.ndarray, seed: int, epoch: int, rank: int, world: int,
+                  batch_size: int, bucket_batches: int = 0) -> list[np.ndarray]:
+    """Rank ``rank``'s batches (sample ids) of epoch ``epoch``: a fresh permutation of all
+    samples each epoch, cut into ranks by ``split_range`` and into ``epoch_steps`` batches
+    whose sizes differ by at most one, so every sample is used once and every rank runs the
+    same number of steps.
+
+    With ``bucket_batches`` > 0, each run of that many batches' samples is sorted by history
+    length (``lengths``, one per sample) before it is cut, so batches pad less, and the
+    batches of a run are then put in a seeded random order. Sizes and the sample set stay
+    as without bucketing.
+    """
+    n = len(lengths)
+    steps = epoch_steps(n, world, batch_size)
+    start, end = split_range(n, world, rank)
+    ids = np.random.default_rng([seed, epoch]).permutation(n)[start:end]
+    bounds = split_bounds(len(ids), steps)
+    if not bucket_batches:
+        return np.split(ids, bounds[1:-1])
+    run = np.arange(steps) // bucket_batches
+    ids = ids[np.lexsort((np.asarray(lengths)[ids], np.repeat(run, np.diff(bounds))))]
+    batches = np.split(ids, bounds[1:-1])
+    order = np.lexsort((np.random.default_rng([seed, epoch, rank]).random(steps), run))
+    return [batches[i] for i in order]
+
+
+class ShuffledBatches:
+    """One rank's batches of an epoch-wide reshuffle of every window (``epoch_batches``),
+    iterated like ``BalancedBatches``. With ``loader_workers`` > 0, DataLoader workers each
+    read and collate whole batches, handed out in the plan's order."""
+
+    def __init__(self, shards: ShardSet, rank: int, world: int, seed: int, batch_size: int,
+                 loader_workers: int, bucket_batches: int = 0) -> None:
+        self.windows = IndexedWindows(shards)
+        self.rank, self.world, self.seed, self.batch_size = rank, world, seed, batch_size
+        self.workers, self.bucket_batches = loader_workers, bucket_batches
+        self.epoch = 0
+        self.steps = epoch_steps(shards.samples, world, batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> list[np.ndarray]:
+        """This epoch's batches of sample ids, in order."""
+        return epoch_batches(self.windows.shards.index["length"], self.seed, self.epoch,
+                             self.rank, self.world, self.batch_size, self.bucket_batches)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        shards = self.windows.shards
+        batcher = functools.partial(collate, max_history=shards.max_history,
+                                    digits=len(shards.digit_sizes))
+        yield from torch.utils.data.DataLoader(self.windows, batch_sampler=self.plan(),
+                                               num_workers=self.workers, collate_fn=batcher)

@@ -42,9 +42,8 @@ def shards(tmp_path_factory):
                                                                pa.array(rng.integers(0, items, offsets[-1]).astype(np.int32))),
                       "target": pa.array(np.arange(n, dtype=np.int32) % items)})
     sids = rng.integers(0, 16, (items, 3))
-    entries = write_split(table, sids, out / "train", "train", 64, shuffle_seed=0)
     manifest = {"digit_sizes": [16, 16, 16], "max_history": 5,
-                "splits": {"train": {"samples": n, "shards": entries}}}
+                "splits": {"train": write_split(table, sids, out / "train", "train", 64, shuffle_seed=0)}}
     (out / "shards.json").write_text(json.dumps(manifest))
     return ShardSet.load(out, "train")
 
@@ -62,7 +61,8 @@ def test_every_sample_once_per_epoch_and_equal_steps(shards, world):
             for batch in batches:
                 users += batch["users"].tolist()
                 count += 1
-                assert batch["history"].shape[1:] == (5, 3)
+                longest = int(batch["history_mask"].sum(1).max())
+                assert batch["history"].shape[1:] == (max(1, longest), 3)  # padded to the longest
             steps.append(count)
             assert count == len(batches)
         assert sorted(users) == list(range(1003)), "a sample was skipped or repeated"
@@ -85,9 +85,12 @@ def test_collate_left_pads_and_masks(shards):
     stream = ShardStream(shards, 0, 1, seed=0, shuffle=False)
     batch = next(iter(BalancedBatches(stream, 8, 0)))
     mask = batch["history_mask"]
+    width = mask.shape[1]
     assert mask.dtype == torch.bool and mask[:, -1].all()  # most recent item in the last slot
     lengths = mask.sum(1)
-    assert all(mask[i, 5 - lengths[i]:].all() and not mask[i, :5 - lengths[i]].any() for i in range(8))
+    assert width == lengths.max()  # padded only as far as the longest history
+    assert all(mask[i, width - lengths[i]:].all() and not mask[i, :width - lengths[i]].any()
+               for i in range(8))
     assert (batch["history"][~mask] == 0).all()
 
 
