@@ -5,6 +5,9 @@ may be overridden on the command line as ``section.key=value`` (the value is par
 YAML, so ``train.lr=3e-3`` and ``data.text_template=["{phrase}"]`` both work).
 Unknown keys and values of the wrong type are errors, never silently ignored.
 
+A file may start from another with ``base: other.yaml`` (relative to the file) and state
+only what it changes; sections merge key by key.
+
 Relative paths written in a config file resolve against the project root of that file
 (the nearest ancestor holding ``pyproject.toml``); relative paths given as command-line
 overrides resolve against the current directory.
@@ -76,10 +79,10 @@ class TokenizeConfig:
     embedding_cache: str = ""  # folder of cached embedding shards; "" = RUN_DIR/embeddings
     num_actors: int = 0  # 0: from the cluster's resources
     quantizer: str = "opq"  # opq | rq_kmeans
-    pca_dim: int = 0  # whitened PCA to this many dims before quantising; 0 = off
+    pca_dim: int = 256  # whitened PCA to this many dims before quantising (released code: 256); 0 = off
     digits: int = 4
     codebook_size: int = 256
-    opq_iters: int = 20
+    opq_iters: int = 50  # faiss's default, as the released code
     kmeans_iters: int = 25
     collision: str = "expand"  # expand | extra_digit
     seed: int = 0
@@ -97,7 +100,7 @@ class ShardConfig:
 class ModelConfig:
     """DiffGRM encoder / masked-diffusion decoder sizes (released: 5.6M parameters)."""
 
-    decoder: str = "diffusion"  # diffusion | autoregressive
+    decoder: str = "diffusion"  # diffusion | autoregressive | dense (SASRec-style item softmax)
     d_model: int = 256
     heads: int = 4
     ffn: int = 1024
@@ -122,7 +125,12 @@ class TrainConfig:
     epochs: int = 200
     patience: int = 15
     zero_stage: int = 1
-    bf16: bool = False
+    bf16: bool = False  # DeepSpeed bf16 (bf16 weights, fp32 master copy)
+    autocast_bf16: bool = False  # torch.autocast(bf16) around forward: AMX/avx512_bf16 CPUs, GPUs
+    shuffle: str = "windows"  # windows: every window reshuffled each epoch | shards: shard order + buffer
+    bucket_batches: int = 0  # >0: batches of similar history length within chunks of this many batches
+    select_on: str = "sid"  # sid (released code) | item: level of the validation selection score
+    valid_start_epoch: int = 1  # first epoch that validates (released code: 20, Toys 10)
     launcher: str = "ray"  # ray | local
     num_workers: int = 1
     use_gpu: bool = False
@@ -140,6 +148,9 @@ class EvalConfig:
     top_k: int = 10
     final_step: str = "global"  # global (paper) | greedy (released code)
     fill_order: str = "confidence"  # confidence (CPD) | random (a fixed random order: ablation)
+    item_rule: str = "code_prob"  # code_prob: log p(code) + log p(item|code) | expand: code's items tied
+    valid_users: int = 0  # per-epoch validation on this seeded sample of users; 0 = all
+    autocast_bf16: bool = False  # bf16 autocast in decoding
     split: str = "test"  # test | valid
     launcher: str = "ray"  # ray (actor pool) | local (this process)
     num_actors: int = 0  # 0: from the cluster's resources
@@ -173,6 +184,14 @@ class ExperimentConfig:
             raise ConfigError("data.text_template: needs at least one segment")
         if self.prepare.max_history < 1 or self.prepare.min_history < 1:
             raise ConfigError("prepare.max_history and prepare.min_history must be >= 1")
+        choices = {"model.decoder": (self.model.decoder, ("diffusion", "autoregressive", "dense")),
+                   "train.shuffle": (self.train.shuffle, ("windows", "shards")),
+                   "train.select_on": (self.train.select_on, ("sid", "item")),
+                   "train.loss_mean": (self.train.loss_mean, ("view", "token")),
+                   "eval.item_rule": (self.eval.item_rule, ("code_prob", "expand"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
 
 
 def section_hash(*sections: Any) -> str:
@@ -196,14 +215,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = ExperimentConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = _read_with_bases(path, seen=())
         cfg = _build(ExperimentConfig, raw, prefix="", origin=str(path))
         _resolve_paths(cfg, find_project_root(path.parent))
     for item in overrides or []:
@@ -215,6 +227,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _resolve_paths(cfg, Path.cwd())
     cfg.validate()
     return cfg
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's mapping, laid over the file its ``base:`` key names (relative to it),
+    so a variant states only what it changes; sections merge key by key."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path to another config file")
+    return _merge(_read_with_bases(path.parent / base, (*seen, path.resolve())), raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

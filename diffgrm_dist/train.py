@@ -1,11 +1,14 @@
 """train stage: DiffGRM under DeepSpeed ZeRO, launched by Ray Train (or in-process).
 
-``train_worker`` is the per-rank loop and is the same for both launchers: it streams its
-share of the WebDataset shards, lets the DeepSpeed engine own the optimiser (AdamW), the
-warm-up + cosine schedule, gradient clipping, ZeRO stage and bf16, validates every epoch
-with CPD beam search (metrics summed across ranks), checkpoints every epoch and resumes
-from the latest checkpoint, keeps the best model by 0.8*NDCG@10 + 0.2*Recall@10, and
-stops early after ``patience`` epochs without improvement.
+``train_worker`` is the per-rank loop and is the same for both launchers: it reads its
+share of the WebDataset shards (every window reshuffled each epoch, exactly once across
+ranks), lets the DeepSpeed engine own the optimiser (AdamW), the warm-up + cosine
+schedule, gradient clipping, ZeRO stage and bf16 (optionally the forward under bf16
+autocast), validates from ``train.valid_start_epoch`` with the same ranking code as the
+evaluate stage (metrics summed across ranks; all validation users or a seeded sample),
+checkpoints every epoch and resumes from the latest checkpoint, keeps the best model by
+0.8*NDCG@10 + 0.2*Recall@10 at ``train.select_on``'s level, and stops early after
+``patience`` validations without improvement.
 
 Launchers:
 - ``ray`` (default): ``TorchTrainer`` with ``ScalingConfig(num_workers, use_gpu)``, gloo on
@@ -26,6 +29,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -36,19 +40,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import ExperimentConfig, ModelConfig
-from diffgrm_dist.decode import Catalogue, recommend_batch
-from diffgrm_dist.metrics import KS, item_and_sid_metrics, per_user, selection_score, summarise
+from diffgrm_dist.decode import Catalogue
+from diffgrm_dist.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights, load_exported
+from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
-from diffgrm_dist.objectives import AutoregressiveObjective, DiffusionObjective, no_dropout
+from diffgrm_dist.objectives import AutoregressiveObjective, DenseObjective, DiffusionObjective, no_dropout
+from diffgrm_dist.ranking import Queries, rank_queries
 from diffgrm_dist.rundir import RunDir
-from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, load_sid_matrix
+from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, ShuffledBatches, split_range
+from diffgrm_dist.sids import load_sids
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "model_config.json"
 
 
 # --------------------------------------------------------------------------- building
@@ -62,8 +68,10 @@ def build_objective(model: DiffGRM, cfg: ExperimentConfig) -> torch.nn.Module:
     t = cfg.train
     if cfg.model.decoder == "autoregressive":
         return AutoregressiveObjective(model, t.label_smoothing)
+    if cfg.model.decoder == "dense":
+        return DenseObjective(model, t.label_smoothing)
     if cfg.model.decoder != "diffusion":
-        raise ValueError(f"model.decoder: {cfg.model.decoder!r} is not diffusion or autoregressive")
+        raise ValueError(f"model.decoder: {cfg.model.decoder!r} is not diffusion, autoregressive or dense")
     return DiffusionObjective(model, t.objective, t.confidence, t.label_smoothing, t.loss_mean)
 
 
@@ -191,25 +199,36 @@ class RayReporter:
 
 
 @torch.no_grad()
-def validate(model: DiffGRM, batches: BalancedBatches, catalogue: Catalogue, item_group: np.ndarray,
+def validate(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: Catalogue,
              cfg: ExperimentConfig, beam: int) -> dict[str, float]:
     """Item- and SID-level Recall/NDCG@5/10 of this rank's users, summed over all ranks."""
-    k = max(KS)
-    sums: dict[str, float] = {}
-    users = 0
     with no_dropout(model):
-        for batch in batches:
-            items, _, groups = recommend_batch(model, batch["history"], batch["history_mask"], catalogue,
-                                               beam, k, cfg.model.decoder, cfg.eval.final_step)
-            truth = batch["items"].numpy()
-            for key, values in item_and_sid_metrics(items, groups, truth, item_group).items():
-                sums[key] = sums.get(key, 0.0) + float(values.sum())
-            users += len(truth)
-    totals = torch.tensor([users, *[sums[k] for k in sorted(sums)]], dtype=torch.float64)
+        values = rank_queries(model, queries, sids, catalogue, cfg.eval, beam, cfg.model.decoder)
+    names = sorted(k for k in values if "/" in k)
+    totals = torch.tensor([len(queries), *[float(values[k].sum()) for k in names]], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    names = sorted(sums)
     return summarise(dict(zip(names, totals[1:].tolist())), int(totals[0]))
+
+
+def training_batches(train_set: ShardSet, cfg: ExperimentConfig, rank: int,
+                     world: int) -> ShuffledBatches | BalancedBatches:
+    """This rank's batches of training windows for the epoch set by ``set_epoch``:
+    ``windows`` reshuffles every window each epoch (random access through the shard index),
+    ``shards`` streams the epoch's shard order through a shuffle buffer."""
+    seed = cfg.shard.seed + cfg.seed
+    batch = max(1, cfg.train.batch_size // world)
+    if cfg.train.shuffle == "shards":
+        return BalancedBatches(ShardStream(train_set, rank, world, seed=seed, shuffle=True), batch,
+                               cfg.train.loader_workers)
+    return ShuffledBatches(train_set, rank, world, seed=seed, batch_size=batch,
+                           loader_workers=cfg.train.loader_workers, bucket_batches=cfg.train.bucket_batches)
+
+
+def validation_queries(prepare_dir: Path, cfg: ExperimentConfig, rank: int, world: int) -> Queries:
+    """This rank's share of the (sampled) validation users; the same users every epoch."""
+    queries = Queries.from_split(prepare_dir, "valid").sample(cfg.eval.valid_users, cfg.eval.seed)
+    return queries.chunk(*split_range(len(queries), world, rank))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -233,14 +252,14 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train_set = ShardSet.load(shard_dir, "train")
-    valid_set = ShardSet.load(shard_dir, "valid")
-    spec = SidSpec(train_set.digit_sizes, train_set.max_history)
-    catalogue, item_group = load_catalogue(run_dir.stage_path("tokenize"))
-    train_stream = ShardStream(train_set, rank, world, seed=cfg.shard.seed + cfg.seed, shuffle=True)
-    train_batches = BalancedBatches(train_stream, max(1, cfg.train.batch_size // world), cfg.train.loader_workers)
-    valid_batches = BalancedBatches(ShardStream(valid_set, rank, world, seed=0, shuffle=False),
-                                    cfg.eval.batch_size, 0)
+    sid_table = load_sids(run_dir.stage_path("tokenize"))
+    spec = SidSpec(train_set.digit_sizes, train_set.max_history, items=len(sid_table.codes))
+    catalogue, sids = Catalogue.from_sids(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))
+    train_batches = training_batches(train_set, cfg, rank, world)
+    valid_queries = validation_queries(run_dir.stage_path("prepare"), cfg, rank, world)
     engine, model, scheduler = build_engine(cfg, spec, world, len(train_batches) * cfg.train.epochs)
+    autocast = torch.autocast("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu",
+                              dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16)
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's weights
@@ -255,13 +274,14 @@ def train_worker(config: dict[str, Any]) -> None:
             log.info("resumed from %s after epoch %d", resume, state["epoch"])
     wandb_run = _wandb(cfg, out_dir) if rank == 0 else None
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
-        train_stream.set_epoch(epoch)
+        train_batches.set_epoch(epoch)
         engine.train()
         start = time.perf_counter()
         loss_sum, steps, samples = 0.0, 0, 0
         bar = _progress(len(train_batches), f"epoch {epoch}", rank)
         for batch in train_batches:
-            loss = engine(batch["history"], batch["history_mask"], batch["targets"])
+            with autocast:
+                loss = engine(batch["history"], batch["history_mask"], batch["targets"], batch["items"])
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
@@ -276,19 +296,26 @@ def train_worker(config: dict[str, Any]) -> None:
         totals = torch.tensor([loss_sum, steps, samples, seconds], dtype=torch.float64)
         dist.all_reduce(totals)
         eval_model = _full_model(engine, model, cfg)
-        metrics = validate(eval_model, valid_batches, catalogue, item_group, cfg, cfg.eval.valid_beam_size)
-        score = selection_score({k.split("/")[1]: v for k, v in metrics.items() if k.startswith("item/")})
-        improved = score > state["best_score"]
-        if improved and rank == 0:
-            best_weights = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
         record = {"epoch": epoch, "loss": totals[0].item() / max(totals[1].item(), 1),
                   "lr": scheduler.get_last_lr()[0], "epoch_s": seconds,
-                  "samples_per_s": totals[2].item() / max(totals[3].item() / world, 1e-9),
-                  "score": score, **metrics}
-        if improved:
-            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+                  "samples_per_s": totals[2].item() / max(totals[3].item() / world, 1e-9)}
+        # Validation from train.valid_start_epoch (and always after the last epoch); the
+        # selection score reads train.select_on's level; patience counts validations.
+        if epoch >= cfg.train.valid_start_epoch or epoch == cfg.train.epochs:
+            valid_start = time.perf_counter()
+            metrics = validate(eval_model, valid_queries, sids, catalogue, cfg, cfg.eval.valid_beam_size)
+            level = f"{cfg.train.select_on}/"
+            score = selection_score({k[len(level):]: v for k, v in metrics.items() if k.startswith(level)})
+            record.update(score=score, valid_s=time.perf_counter() - valid_start, **metrics)
+            improved = score > state["best_score"]
+            if improved:
+                state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
         else:
-            state["bad_epochs"] += 1
+            improved = state["best_epoch"] < 0  # nothing validated yet: keep the latest weights
+        if improved and rank == 0:
+            best_weights = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
         state["epoch"] = epoch
         state["history"].append(record)
         state["nodes"] = sorted(set(map(str, nodes)))
@@ -300,9 +327,12 @@ def train_worker(config: dict[str, Any]) -> None:
                 export_weights(best_weights, cfg.model, spec, ckpt / "best")
             reporter.report(record, ckpt)
         if rank == 0:
-            log.info("epoch %d: loss %.4f, item recall@10 %.4f ndcg@10 %.4f, %.0f samples/s",
-                     epoch, record["loss"], record["item/recall@10"], record["item/ndcg@10"],
-                     record["samples_per_s"])
+            valid = ("" if "score" not in record else
+                     ", valid item R@10 %.4f N@10 %.4f, sid R@10 %.4f N@10 %.4f (%.0f s)" % (
+                         record["item/recall@10"], record["item/ndcg@10"], record["sid/recall@10"],
+                         record["sid/ndcg@10"], record["valid_s"]))
+            log.info("epoch %d: loss %.4f, lr %.2e, %.0f samples/s%s", epoch, record["loss"],
+                     record["lr"], record["samples_per_s"], valid)
             if wandb_run is not None:
                 wandb_run.log(record, step=epoch)
         if state["bad_epochs"] >= cfg.train.patience:
@@ -338,7 +368,8 @@ def _full_model(engine: Any, model: DiffGRM, cfg: ExperimentConfig) -> DiffGRM:
 
 
 def _progress(total: int, desc: str, rank: int):
-    if rank != 0:
+    """A step bar on rank 0 only on a terminal (relayed through Ray it is one line per step)."""
+    if rank != 0 or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -355,52 +386,7 @@ def _wandb(cfg: ExperimentConfig, out_dir: Path):
                       dir=str(out_dir), config=asdict(cfg), reinit="finish_previous")
 
 
-# --------------------------------------------------------------------------- export / load
-
-
-def export_weights(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, spec: SidSpec,
-                   folder: Path) -> None:
-    """safetensors weights + a JSON config: everything needed to rebuild the model."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / EXPORT_WEIGHTS))
-    (folder / EXPORT_CONFIG).write_text(json.dumps(
-        {"model": asdict(model_cfg), "sizes": list(spec.sizes), "max_history": spec.max_history},
-        indent=2) + "\n")
-
-
-def load_exported(folder: Path, device: str = "cpu") -> DiffGRM:
-    """Loads safetensors weights (no code is executed)."""
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / EXPORT_CONFIG).read_text())
-    model = DiffGRM(ModelConfig(**meta["model"]), SidSpec(tuple(meta["sizes"]), meta["max_history"]))
-    model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS), device=device))
-    return model.to(device).eval()
-
-
-def load_catalogue(tokenize_dir: Path) -> tuple[Catalogue, np.ndarray]:
-    """Catalogue of all items' SIDs, and each item's code group (for SID-level metrics)."""
-    codes, sizes, collision_rank = load_sid_matrix(tokenize_dir)
-    catalogue = Catalogue(codes, tuple(sizes), collision_rank)
-    return catalogue, catalogue.item_groups()
-
-
 # --------------------------------------------------------------------------- stage
-
-
-def popularity_baseline(prepare_dir: Path, split: str) -> dict[str, float]:
-    """Recall/NDCG@5/10 of recommending the most popular training targets to everyone."""
-    import pyarrow.parquet as pq
-
-    from diffgrm_dist.metrics import popularity_ranking
-
-    train = pq.read_table(prepare_dir / "train.parquet", columns=["target"])["target"].to_numpy()
-    truth = pq.read_table(prepare_dir / f"{split}.parquet", columns=["target"])["target"].to_numpy()
-    n_items = pq.read_metadata(prepare_dir / "items.parquet").num_rows
-    ranked = np.broadcast_to(popularity_ranking(train, n_items, max(KS)), (len(truth), max(KS)))
-    return summarise({k: float(v.sum()) for k, v in per_user(ranked, truth).items()}, len(truth))
 
 
 def run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
@@ -505,8 +491,9 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     axes[0].set(title="training loss", xlabel="epoch")
     axes[1].plot(epochs, [r["lr"] for r in history], marker="o")
     axes[1].set(title="learning rate (end of epoch)", xlabel="epoch")
+    validated = [r for r in history if "score" in r]
     for name in ("item/recall@10", "item/ndcg@10", "sid/recall@10", "sid/ndcg@10"):
-        axes[2].plot(epochs, [r[name] for r in history], marker="o", label=name)
+        axes[2].plot([r["epoch"] for r in validated], [r[name] for r in validated], marker="o", label=name)
     axes[2].set(title="validation", xlabel="epoch")
     axes[2].legend(fontsize=8)
     fig.tight_layout()

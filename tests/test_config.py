@@ -70,3 +70,40 @@ def test_section_hash_changes_with_values():
     assert section_hash(a.data) == section_hash(b.data)
     b.data.min_user_items = 4
     assert section_hash(a.data) != section_hash(b.data)
+
+
+def test_base_config_is_overlaid_key_by_key(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "base.yaml").write_text("name: base\ntrain:\n  lr: 0.5\n  epochs: 9\nmodel:\n  d_model: 64\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "small.yaml").write_text("base: ../base.yaml\nname: small\ntrain:\n  epochs: 2\n")
+    cfg = load_config(tmp_path / "sub" / "small.yaml", ["train.lr=0.25"])
+    assert cfg.name == "small" and cfg.train.epochs == 2 and cfg.model.d_model == 64
+    assert cfg.train.lr == 0.25  # overrides still win
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_released_recipe_in_the_paper_configs():
+    beauty, sports, toys = (load_config(CONFIGS / f"{n}.yaml") for n in ("beauty", "sports", "toys"))
+    assert (beauty.train.label_smoothing, sports.train.label_smoothing, toys.train.label_smoothing) == (0.2, 0.1, 0.15)
+    assert (toys.model.d_model, toys.model.heads, toys.model.ffn) == (1024, 8, 1024)
+    assert (beauty.train.valid_start_epoch, toys.train.valid_start_epoch) == (20, 10)
+    for cfg in (beauty, sports, toys):
+        assert cfg.train.warmup_steps == 10_000 and cfg.train.epochs == 200
+        assert cfg.train.loss_mean == "token" and cfg.train.select_on == "sid"
+        assert cfg.prepare.min_history == 2 and cfg.train.shuffle == "windows"
+        assert cfg.tokenize.opq_iters == 50 and cfg.tokenize.pca_dim == 256
+    assert "{phrase}" in " ".join(beauty.data.text_template + toys.data.text_template)
+    assert load_config(CONFIGS / "demo.yaml").tokenize.pca_dim == 256
+
+
+@pytest.mark.parametrize("override", ["model.decoder=mlp", "train.shuffle=never", "eval.item_rule=best",
+                                      "train.select_on=loss"])
+def test_choice_fields_are_checked(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(CONFIGS / "tiny.yaml", [override])
