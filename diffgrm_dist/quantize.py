@@ -78,9 +78,6 @@ class Quantizer:
             raise ConfigError(f"tokenize: OPQ needs more training items ({len(x)}) than "
                               f"dimensions ({d}); set tokenize.pca_dim below {len(x)}")
         nbits = int(np.log2(self.codebook_size))
-        if len(x) < 39 * self.codebook_size:  # faiss would print this once per k-means run
-            log.warning("quantiser: %d training items for %d centroids per digit (faiss suggests %d)",
-                        len(x), self.codebook_size, 39 * self.codebook_size)
         self.opq = faiss.OPQMatrix(d, self.digits)
         self.opq.niter = cfg.opq_iters
         self.opq.niter_pq = cfg.kmeans_iters
@@ -89,7 +86,6 @@ class Quantizer:
         # it, so it is kept alive here for as long as the quantiser lives.
         inner = faiss.ProductQuantizer(d, self.digits, nbits)
         inner.cp.seed = cfg.seed
-        inner.cp.min_points_per_centroid = 1  # warned above, once
         self.keep_alive += [inner, _use_gpu_assignment(inner, d // self.digits)]
         self.opq.pq = inner
         self.opq.train(x)
@@ -97,7 +93,6 @@ class Quantizer:
         pq = faiss.ProductQuantizer(d, self.digits, nbits)
         pq.cp.seed = cfg.seed
         pq.cp.niter = cfg.kmeans_iters
-        pq.cp.min_points_per_centroid = 1
         self.keep_alive.append(_use_gpu_assignment(pq, d // self.digits))
         pq.train(rotated)
         self.centroids = faiss.vector_to_array(pq.centroids).reshape(
@@ -108,8 +103,7 @@ class Quantizer:
         levels = []
         for level in range(self.digits):
             km = faiss.Kmeans(x.shape[1], self.codebook_size, niter=cfg.kmeans_iters,
-                              seed=cfg.seed + level, gpu=bool(gpu_count()), verbose=False,
-                              min_points_per_centroid=1)
+                              seed=cfg.seed + level, gpu=bool(gpu_count()), verbose=False)
             km.train(residual)
             levels.append(km.centroids.copy())
             residual -= km.centroids[_nearest(km.centroids, residual)]

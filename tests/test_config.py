@@ -107,3 +107,12 @@ def test_released_recipe_in_the_paper_configs():
 def test_choice_fields_are_checked(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_where_the_embedding_cache_lives_is_not_part_of_the_stage_hash():
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    before = section_hash(cfg.tokenize)
+    cfg.tokenize.embedding_cache = "/elsewhere"
+    assert section_hash(cfg.tokenize) == before
+    cfg.tokenize.pca_dim += 4
+    assert section_hash(cfg.tokenize) != before

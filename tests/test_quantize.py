@@ -75,7 +75,9 @@ def test_bad_quantizer_settings():
         Quantizer.fit(x, TokenizeConfig(codebook_size=10))
     with pytest.raises(ConfigError, match="fewer than codebook_size"):
         Quantizer.fit(x, TokenizeConfig(codebook_size=256))
-    with pytest.raises(ConfigError, match="pca_dim"):
-        Quantizer.fit(x[:40], TokenizeConfig(codebook_size=16, digits=4))  # 40 points, 64 dims
+    with pytest.raises(ConfigError, match="exceeds the embedding dimension 64"):
+        Quantizer.fit(x, TokenizeConfig(codebook_size=16, pca_dim=256))
+    with pytest.raises(ConfigError, match="set tokenize.pca_dim below 40"):
+        Quantizer.fit(x[:40], TokenizeConfig(codebook_size=16, digits=4, pca_dim=0))  # 40 points, 64 dims
     with pytest.raises(ConfigError, match="does not divide"):
-        Quantizer.fit(x, TokenizeConfig(codebook_size=16, digits=3))
+        Quantizer.fit(x, TokenizeConfig(codebook_size=16, digits=3, pca_dim=0))

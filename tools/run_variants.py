@@ -3,8 +3,9 @@ metrics against popularity.
 
 Each variant is a list of ``section.key=value`` overrides on one config. Variants run in
 their own run directories under ``--work`` and share what they can: the embedding cache
-always, and the prepare / tokenize / shard stages of a variant that does not change them
-(each stage's manifest decides: a copied stage whose config and inputs match is skipped).
+always, and every stage a variant does not change, copied from ``--seed-run`` (default:
+the first variant's run); each stage's manifest decides, so a copied stage whose config
+and inputs match is skipped and one that differs re-runs with everything after it.
 A variant whose result already exists is not re-run. Results (metrics, train stats, the
 overrides, the command and the git commit) go to ``--out/<variant>.json`` and the table to
 ``--out/README.md``.
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "tokenize", "shard")
+STAGES = ("prepare", "tokenize", "shard", "train", "evaluate")
 
 
 def git_commit() -> str:
@@ -94,12 +95,15 @@ def main() -> None:
     parser.add_argument("--work", required=True, type=Path, help="run directories (never inside the repo)")
     parser.add_argument("--out", required=True, type=Path, help="folder for <variant>.json and README.md")
     parser.add_argument("--variant", action="append", required=True, help="NAME=key=value key=value ...")
+    parser.add_argument("--seed-run", type=Path, help="run directory whose stages variants start from")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.work / "embeddings"
-    results, seed_run = [], None
+    if args.seed_run is not None and (args.seed_run / "embeddings").is_dir() and not cache.exists():
+        shutil.copytree(args.seed_run / "embeddings", cache)  # the seed run's own cache
+    results, seed_run = [], args.seed_run
     for text in args.variant:
         name, overrides = parse_variant(text)
         target = args.out / f"{name}.json"
