@@ -108,7 +108,10 @@ def build_engine(cfg: ExperimentConfig, spec: SidSpec, world: int, total_steps: 
     if cfg.train.zero_stage == 3:
         # Weights read outside their own module's forward (tied output table, position and
         # mask embeddings) must be gathered for the wrapper's whole forward.
-        for param in (model.codes.weight, model.history_pos.weight, model.mask_emb, model.digit_pos, model.bos):
+        external = [model.codes.weight, model.history_pos.weight, model.mask_emb, model.digit_pos, model.bos]
+        if model.item_emb is not None:  # the dense head's output table
+            external.append(model.item_emb.weight)
+        for param in external:
             deepspeed.zero.register_external_parameter(objective, param)
     engine, _, _, scheduler = deepspeed.initialize(
         model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad],
