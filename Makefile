@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --no-deps recbole==1.2.1
 	touch $(STAMP)
 
-# The main job (about 10 minutes on 2 cores), then the same model with unique SIDs
+# The main job (about 11 minutes on 2 idle cores), then the same model with unique SIDs
 # (extra digit) next to it: the three item rules side by side (another ~8 minutes).
 demo: install
 	$(VENV)/bin/diffgrm pipeline -c configs/demo.yaml -o $(RUN_DIR)
