@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from benchlib import (ROOT, add_baseline_arg, baseline_tree, fmt_ratio, package_info, peak_rss_mib,
-                      provenance, ratio, run_isolated, write_json)
+                      print_provenance, provenance, ratio, run_isolated, write_json)
 
 SIZES = (256, 256, 256, 256)
 HISTORY = 20
@@ -281,10 +281,7 @@ def main() -> None:
     ar_rows = ar_table(args, rows) if args.ar else []
     size_rows = size_table(args) if args.sizes else []
     meta = provenance(base_tree)
-    print(f"\ndevice: {meta['device']}")
-    print(f"current: {meta['current']['tree']} @ {meta['current']['commit']}"
-          f"{' (dirty)' if meta['current']['dirty'] else ''}; baseline: "
-          + (f"{meta['baseline']['tree']} @ {meta['baseline']['commit']}" if meta["baseline"] else "none"))
+    print_provenance(meta)
     out = write_json(args.out, {
         "benchmark": "decode", **meta, "baseline_row": "before" if base_tree else None,
         "settings": {"users": args.users, "batch": args.batch, "beam_items": args.beam_items,

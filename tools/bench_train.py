@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 from benchlib import (ROOT, add_baseline_arg, baseline_tree, fmt_ratio, package_info, peak_rss_mib,
-                      provenance, ratio, run_isolated, write_json)
+                      print_provenance, provenance, ratio, run_isolated, write_json)
 
 MAX_HISTORY = 50
 DIGITS, CODES = 4, 256
@@ -355,10 +355,7 @@ def main() -> None:
     print_compare(rows, args, stats, source)
     print_losses(checks)
     meta = provenance(base_tree)
-    print(f"\ndevice: {meta['device']}")
-    print(f"current: {meta['current']['tree']} @ {meta['current']['commit']}"
-          f"{' (dirty)' if meta['current']['dirty'] else ''}; baseline: "
-          + (f"{meta['baseline']['tree']} @ {meta['baseline']['commit']}" if meta["baseline"] else "none"))
+    print_provenance(meta)
     out = write_json(args.out, {
         "benchmark": "train_step", **meta, "baseline_row": "before" if base_tree else None,
         "settings": {"batch": args.batch, "steps": args.steps, "warmup": args.warmup, "kinds": args.kinds,

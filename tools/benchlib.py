@@ -142,3 +142,11 @@ def ratio(value: float, base: float | None) -> float | None:
 
 def fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
+
+
+def print_provenance(meta: dict) -> None:
+    """The device and both trees a benchmark compared, as ``provenance`` recorded them."""
+    print(f"\ndevice: {meta['device']}")
+    print(f"current: {meta['current']['tree']} @ {meta['current']['commit']}"
+          f"{' (dirty)' if meta['current']['dirty'] else ''}; baseline: "
+          + (f"{meta['baseline']['tree']} @ {meta['baseline']['commit']}" if meta["baseline"] else "none"))
