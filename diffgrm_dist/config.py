@@ -138,7 +138,7 @@ class TrainConfig:
     use_gpu: bool = False
     loader_workers: int = 2
     wandb_mode: str = "offline"  # offline | online | disabled
-    seed: int = 0
+    seed: int = 0  # added to the top-level seed for training only (init, window order, noise)
 
 
 @dataclass
@@ -243,8 +243,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    """A config file's mapping, laid over the file its ``base:`` key names (relative to it),
-    so a variant states only what it changes; sections merge key by key."""
+    """A config file's mapping, laid over the file(s) its ``base:`` key names (relative to
+    it), so a variant states only what it changes; sections merge key by key. A list of
+    bases lets a dataset config and a scale profile (``cpu/scale.yaml``) combine."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     if not path.is_file():
@@ -258,9 +259,13 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: 'base' must be a path to another config file")
-    return _merge(_read_with_bases(path.parent / base, (*seen, path.resolve())), raw)
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a path to another config file, or a list of them")
+    merged: dict[str, Any] = {}
+    for name in bases:  # later bases override earlier ones, the file itself overrides all
+        merged = _merge(merged, _read_with_bases(path.parent / name, (*seen, path.resolve())))
+    return _merge(merged, raw)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

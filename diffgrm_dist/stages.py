@@ -95,3 +95,31 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
         stats = stage.run(cfg, run_dir, out)
     log.info("%s: written to %s/%s", name, run_dir.display, name)
     return stats
+
+
+def adopt_current_stages(cfg: ExperimentConfig, run_dir: RunDir, donors: list[RunDir]) -> list[str]:
+    """Copies into a local ``run_dir`` every stage, in pipeline order, that some donor run
+    holds for exactly this config and these upstream stages (the manifest decides), and
+    stops at the first stage none holds: that one and all after it run afresh. Variants of
+    one experiment share tokenize, shards or a trained model this way. Returns the stages
+    adopted."""
+    import shutil
+
+    adopted = []
+    for name in PIPELINE:
+        if run_dir.manifest(name) is not None:
+            if run_dir.is_current(stage_record(STAGES[name], cfg, run_dir)):
+                adopted.append(name)
+                continue
+            break
+        record = stage_record(STAGES[name], cfg, run_dir)
+        donor = next((d for d in donors if d.remote is None and d.is_current(record)), None)
+        if donor is None:
+            break
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir.root / f".{name}.adopting"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(donor.stage_path(name), tmp)
+        tmp.rename(run_dir.stage_path(name))
+        adopted.append(name)
+    return adopted

@@ -219,7 +219,7 @@ def training_batches(train_set: ShardSet, cfg: ExperimentConfig, rank: int,
     """This rank's batches of training windows for the epoch set by ``set_epoch``:
     ``windows`` reshuffles every window each epoch (random access through the shard index),
     ``shards`` streams the epoch's shard order through a shuffle buffer."""
-    seed = cfg.shard.seed + cfg.seed
+    seed = cfg.shard.seed + cfg.seed + cfg.train.seed
     batch = max(1, cfg.train.batch_size // world)
     if cfg.train.shuffle == "shards":
         return BalancedBatches(ShardStream(train_set, rank, world, seed=seed, shuffle=True), batch,
@@ -252,8 +252,9 @@ def train_worker(config: dict[str, Any]) -> None:
     dist.all_gather_object(nodes, _node_id(launcher))  # where the ranks run, for the stats
     reporter: Reporter = RayReporter() if launcher == "ray" else LocalReporter(Path(config["work_dir"]))
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    # train.seed varies only training (init, window order, noise): SIDs and shards stay put.
+    torch.manual_seed(cfg.seed + cfg.train.seed)
+    np.random.seed(cfg.seed + cfg.train.seed)
     train_set = ShardSet.load(shard_dir, "train")
     sid_table = load_sids(run_dir.stage_path("tokenize"))
     spec = SidSpec(train_set.digit_sizes, train_set.max_history, items=len(sid_table.codes))

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import CONFIGS, require_amazon
+from diffgrm_dist.config import load_config
 
 EXPECTED = {  # users, items, interactions: the paper's table
     "beauty": (22_363, 12_101, 198_502),
@@ -22,6 +23,9 @@ def test_prepare_amazon2014(name, tmp_path, run_cli):
     stats = json.loads((tmp_path / "prepare" / "stats.json").read_text())
     users, items, interactions = EXPECTED[name]
     assert (stats["users"], stats["items"], stats["interactions"]) == EXPECTED[name]
-    assert stats["train_samples"] == interactions - 3 * users
+    # Every user has >= 5 interactions, so each gives n - 2 - min_history windows
+    # (the last two are validation and test targets).
+    min_history = load_config(CONFIGS / f"{name}.yaml").prepare.min_history
+    assert stats["train_samples"] == interactions - (2 + min_history) * users
     assert stats["valid_users"] == stats["test_users"] == users
     assert sum(stats["dropped"].values()) == 0
