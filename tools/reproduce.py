@@ -111,6 +111,7 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
                *overrides]
     print(f"{dataset}/{variant.name}: running ({', '.join(adopted) or 'no stage'} adopted from earlier runs); "
           f"log in {home / variant.name}.log", flush=True)
+    source = git_info(ROOT)  # the code the run starts from
     start = time.perf_counter()
     with open(home / f"{variant.name}.log", "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -129,7 +130,7 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
                                     cfg.train, cfg.eval),
         "command": shlex.join(["python", "tools/reproduce.py", "--datasets", dataset, "--variants", variant.name]),
         "pipeline_command": shlex.join(["diffgrm", *command[1:]]),
-        "commit": git_info(ROOT)["commit"], "dirty": git_info(ROOT)["dirty"],
+        "commit": source["commit"], "dirty": source["dirty"],
         "machine": device_string(), "adopted_stages": adopted,
         "wall_s": {"pipeline": round(wall, 1), "train": train.get("wall_s"), "evaluate": metrics.get("decode_s")},
         "model": {"d_model": hashed["model"]["d_model"], "parameters": train.get("parameters"),
