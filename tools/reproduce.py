@@ -86,8 +86,8 @@ PAPER_ABLATIONS = {  # NDCG@10
 }
 
 
-def result_path(dataset: str, variant: str) -> Path:
-    return RESULTS / "cpu" / dataset / f"{variant}.json"
+def result_path(dataset: str, variant: str, root: Path = RESULTS) -> Path:
+    return root / "cpu" / dataset / f"{variant}.json"
 
 
 def config_path(dataset: str) -> Path:
@@ -141,10 +141,10 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
     }
 
 
-def load_results() -> dict[str, dict[str, dict]]:
+def load_results(root: Path = RESULTS) -> dict[str, dict[str, dict]]:
     found: dict[str, dict[str, dict]] = {}
     for dataset in DATASETS:
-        for path in sorted((RESULTS / "cpu" / dataset).glob("*.json")):
+        for path in sorted((root / "cpu" / dataset).glob("*.json")):
             found.setdefault(dataset, {})[path.stem] = json.loads(path.read_text())
     return found
 
@@ -202,7 +202,7 @@ def dataset_table(dataset: str, results: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
-def write_table(found: dict[str, dict[str, dict]]) -> Path:
+def write_table(found: dict[str, dict[str, dict]], root: Path = RESULTS) -> Path:
     from diffgrm_dist.config import load_config
 
     cfg = load_config(config_path("beauty"))
@@ -235,9 +235,9 @@ def write_table(found: dict[str, dict[str, dict]]) -> Path:
         if dataset in found:
             lines += dataset_table(dataset, found[dataset])
     lines.append("![item-level NDCG@10 per variant](cpu/ndcg10.png)")
-    out = RESULTS / "README.md"
+    out = root / "README.md"
     out.write_text("\n".join(lines) + "\n")
-    plot(found, RESULTS / "cpu" / "ndcg10.png")
+    plot(found, root / "cpu" / "ndcg10.png")
     return out
 
 

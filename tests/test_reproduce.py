@@ -1,0 +1,112 @@
+"""The reproduction's parts that run in seconds: its configs and variants, stage adoption
+across runs, and the table built from result files (the runs themselves never run in CI)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+
+import pytest
+
+from conftest import CONFIGS, ROOT, require_amazon
+from diffgrm_dist.config import load_config, section_hash
+from diffgrm_dist.rundir import RunDir
+from diffgrm_dist.stages import STAGES, adopt_current_stages, stage_record
+
+sys.path.insert(0, str(ROOT / "tools"))
+import reproduce  # noqa: E402
+
+SCALE_KEYS = {"model": ("d_model", "heads", "ffn", "decoder_layers"),
+              "train": ("lr", "warmup_steps", "epochs", "patience", "valid_start_epoch", "bucket_batches",
+                        "autocast_bf16", "loader_workers"),
+              "eval": ("valid_users", "valid_beam_size", "beam_size", "batch_size")}
+
+
+@pytest.mark.parametrize("dataset", reproduce.DATASETS)
+def test_cpu_configs_are_the_paper_configs_with_only_the_scale_changed(dataset):
+    paper, cpu = load_config(CONFIGS / f"{dataset}.yaml"), load_config(reproduce.config_path(dataset))
+    for section in ("data", "prepare", "tokenize", "shard"):
+        assert section_hash(getattr(paper, section)) == section_hash(getattr(cpu, section)), section
+    for section in ("model", "train", "eval"):
+        a, b = getattr(paper, section), getattr(cpu, section)
+        differ = {k for k in vars(a) if getattr(a, k) != getattr(b, k)}
+        assert differ <= set(SCALE_KEYS[section]), (section, differ - set(SCALE_KEYS[section]))
+    assert cpu.train.label_smoothing == paper.train.label_smoothing and cpu.model.d_model == 128
+
+
+def test_every_variant_is_a_valid_config_on_its_datasets():
+    for variant in reproduce.VARIANTS:
+        for dataset in variant.datasets:
+            cfg = load_config(reproduce.config_path(dataset), list(variant.overrides))
+            assert cfg.name == f"{dataset}-cpu"
+    names = [v.name for v in reproduce.VARIANTS]
+    assert len(set(names)) == len(names) and set(reproduce.SEEDS) <= set(names)
+    paired = {v.paired_with for v in reproduce.VARIANTS if v.paired_with}
+    assert paired <= set(names)
+
+
+def test_a_run_adopts_the_stages_another_run_holds_for_the_same_config(tiny_run, tmp_path):
+    donor = tmp_path / "donor"
+    shutil.copytree(tiny_run, donor)
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    same = RunDir(tmp_path / "same")
+    assert adopt_current_stages(cfg, same, [RunDir(donor)]) == ["prepare", "tokenize", "shard"]
+    for name in ("prepare", "tokenize", "shard"):  # adopted stages are current: the pipeline skips them
+        assert same.is_current(stage_record(STAGES[name], cfg, same))
+    assert not (same.root / "train").exists()
+
+    # Other shards: prepare and tokenize still shared, the shards (and all after) run afresh.
+    other = load_config(CONFIGS / "tiny.yaml", ["shard.samples_per_shard=7"])
+    partial = RunDir(tmp_path / "partial")
+    assert adopt_current_stages(other, partial, [RunDir(donor)]) == ["prepare", "tokenize"]
+    assert not (partial.root / "shard").exists()
+
+    # Another SID length: nothing after prepare matches.
+    digits = load_config(CONFIGS / "tiny.yaml", ["tokenize.kmeans_iters=3"])
+    assert adopt_current_stages(digits, RunDir(tmp_path / "none"), [RunDir(donor)]) == ["prepare"]
+
+
+def _result(dataset: str, variant: str, item_n10: float, pop_n10: float = 0.01) -> dict:
+    block = {"recall@5": item_n10, "ndcg@5": item_n10 / 2, "recall@10": 2 * item_n10, "ndcg@10": item_n10}
+    return {"dataset": dataset, "variant": variant, "commit": "abcdef0123", "machine": "cpu: test",
+            "metrics": {"decoder": "dense" if variant == "dense" else "diffusion", "item": block,
+                        "sid": {k: 1.5 * v for k, v in block.items()},
+                        "popularity": {k: pop_n10 for k in block}},
+            "train": {"wall_s": 600.0, "parameters": 1000}, "tokenize": {"colliding_items": 5}}
+
+
+def test_the_table_reads_every_result_file_and_summarises_the_seeds(tmp_path):
+    values = {"diffgrm": 0.030, "diffgrm_seed1": 0.034, "diffgrm_seed2": 0.032, "dense": 0.05}
+    for variant, n10 in values.items():
+        path = reproduce.result_path("beauty", variant, tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_result("beauty", variant, n10)))
+    found = reproduce.load_results(tmp_path)
+    assert set(found["beauty"]) == set(values)
+    readme = reproduce.write_table(found, tmp_path).read_text()
+    assert (tmp_path / "cpu" / "ndcg10.png").stat().st_size > 1000
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.splitlines() if line.startswith("| ")}
+    assert "| 3.00x |" in rows["DiffGRM: PSE (OPQ) SIDs + OCN + CPD"]  # 0.030 / popularity 0.010
+    seeds = [values[s] for s in reproduce.SEEDS]
+    assert f"{statistics.mean(seeds):.4f} ± {statistics.stdev(seeds):.4f}" in rows["DiffGRM, 3 seeds: mean ± sd"]
+    assert "0.0502" in rows["*paper: DiffGRM (SID level, paper scale)*"]
+    assert "Not run yet: ar, random_fill, random_masking, random_order, rq_kmeans" in readme
+    assert "### Sports" not in readme  # no result files: no table
+
+
+@pytest.mark.shared_data
+def test_gpu_projection_counts_the_paper_config_on_beauty():
+    require_amazon("beauty")
+    import project_gpu
+
+    m = project_gpu.measure("beauty")
+    assert m["train_windows"] == 109_050 and m["steps_per_epoch"] == 109_050 // 1024  # = prepare's windows
+    assert 5.0e6 < m["parameters"] < 6.0e6  # the paper's 5.6M
+    # At least the dense matmuls of 6 x params FLOPs per decoder token (4 digits x 4 views).
+    assert m["step"]["flops"] > 6 * m["parameters"] * 1024 * 4
+    assert m["decode"]["test"]["flops_per_user"] > m["decode"]["valid"]["flops_per_user"]  # beam 256 vs 32
+    fast = project_gpu.project(m, 989e12, 0.1, 8e-6)
+    slow = project_gpu.project(m, 989e12, 0.05, 24e-6)
+    assert 0 < fast["total_h"] < slow["total_h"]
