@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from diffgrm_dist.rundir import RunDir, display_uri, is_uri
 from diffgrm_dist.stages import PIPELINE, run_stage
 
 log = logging.getLogger("diffgrm")
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, quota
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             _print_stats(args.stage, run_stage(args.stage, cfg, run_dir, force=args.force))
     except DiffGRMError as exc:
         print(f"diffgrm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"diffgrm: error: out of disk space{where} ({os.strerror(exc.errno)}); the stage published "
+              "nothing and any earlier output of it is intact: free space and run it again", file=sys.stderr)
         return 2
     return 0
 

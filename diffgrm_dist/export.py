@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from diffgrm_dist.config import ModelConfig
+from diffgrm_dist.errors import DiffGRMError
 from diffgrm_dist.model import DiffGRM, SidSpec
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -29,10 +30,23 @@ def export_weights(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, spe
 
 def load_exported(folder: Path, device: str = "cpu") -> DiffGRM:
     """Loads safetensors weights (no code is executed)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / EXPORT_CONFIG).read_text())
-    spec = SidSpec(tuple(meta["sizes"]), meta["max_history"], meta["items"])
-    model = DiffGRM(ModelConfig(**meta["model"]), spec)
-    model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS), device=device))
+    for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
+        if not (folder / name).is_file():
+            raise DiffGRMError(f"{folder / name}: missing (re-run `diffgrm train`)")
+    try:
+        meta = json.loads((folder / EXPORT_CONFIG).read_text())
+        spec = SidSpec(tuple(meta["sizes"]), meta["max_history"], meta["items"])
+        model = DiffGRM(ModelConfig(**meta["model"]), spec)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DiffGRMError(f"{folder / EXPORT_CONFIG}: not a model config this version reads ({exc}); "
+                           "re-run `diffgrm train`") from None
+    try:
+        weights = load_file(str(folder / EXPORT_WEIGHTS), device=device)
+        model.load_state_dict(weights)
+    except (SafetensorError, RuntimeError) as exc:  # truncated / corrupt file, or wrong tensors
+        raise DiffGRMError(f"{folder / EXPORT_WEIGHTS}: corrupt or not this model's weights "
+                           f"({str(exc).splitlines()[0]}); re-run `diffgrm train`") from None
     return model.to(device).eval()

@@ -53,6 +53,12 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's fields other than ``digest``, in canonical JSON: detects edits."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write; renamed onto ``path`` only when the block
@@ -223,8 +229,25 @@ class RunDir:
         return path.read_bytes() if path.is_file() else None
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
+        """The stage's manifest, None if the stage has not run; one clear error if it is
+        not valid JSON or was edited after the stage wrote it (its digest no longer matches)."""
         found = self._manifest_bytes(stage)
-        return None if found is None else json.loads(found)
+        return None if found is None else self._parse_manifest(stage, found)
+
+    def _parse_manifest(self, stage: str, found: bytes) -> dict[str, Any]:
+        where = f"{self.display}/{stage}/{MANIFEST}"
+        try:
+            manifest = json.loads(found)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DiffGRMError(f"{where}: not valid JSON ({exc}); the manifest is truncated or edited: "
+                               f"re-run `diffgrm {stage}`") from None
+        if not isinstance(manifest, dict):
+            raise DiffGRMError(f"{where}: not a manifest (a JSON object); re-run `diffgrm {stage}`")
+        digest = manifest.get("digest")
+        if digest is not None and digest != manifest_digest(manifest):
+            raise DiffGRMError(f"{where}: edited after the stage wrote it (its digest no longer matches); "
+                               f"re-run `diffgrm {stage}`")
+        return manifest
 
     def read_text(self, stage: str, name: str) -> str | None:
         """One small file of a finished stage, read without pulling the whole stage."""
@@ -240,6 +263,7 @@ class RunDir:
         if found is None:
             raise DiffGRMError(f"{self.display}/{stage}: stage {stage!r} has not run yet "
                                f"(run `diffgrm {stage}` or `diffgrm pipeline` first)")
+        self._parse_manifest(stage, found)  # a later stage never builds on an edited one
         return hashlib.sha256(found).hexdigest()[:16]
 
     def storage(self, rel: str) -> tuple[str, Any]:
@@ -290,6 +314,7 @@ class RunDir:
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),
             }
+            manifest["digest"] = manifest_digest(manifest)
             text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
             if self.remote is not None:
                 # Manifest last: readers take a stage without one as not run.

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 
+from diffgrm_dist.errors import DataError
 from diffgrm_dist.ragged import left_pad_index
 from diffgrm_dist.rundir import file_sha256
 from diffgrm_dist.sids import load_sids
@@ -141,6 +142,16 @@ def run_shard(cfg, run_dir, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- reading
 
 
+def verify_sha256(path: Path, expected: str) -> None:
+    """DataError naming the file unless it exists and its sha256 is ``expected``."""
+    if not path.is_file():
+        raise DataError(path, "shard listed in shards.json is missing (re-run `diffgrm shard`)")
+    found = file_sha256(path)
+    if found != expected:
+        raise DataError(path, f"sha256 {found[:12]}... does not match shards.json ({expected[:12]}...): "
+                              "the shard is corrupt or half-copied (re-run `diffgrm shard`)")
+
+
 @dataclass(frozen=True)
 class ShardSet:
     """One split's shards: paths and sample counts, from shards.json, and the split's sample
@@ -153,10 +164,15 @@ class ShardSet:
     index: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def load(cls, shard_dir: Path, split: str) -> ShardSet:
+    def load(cls, shard_dir: Path, split: str, verify: bool = True) -> ShardSet:
+        """``verify``: every shard (and the index) must match its sha256 in shards.json, so a
+        half-copied or corrupt shard is named here instead of failing mid-epoch."""
         manifest = json.loads((shard_dir / "shards.json").read_text())
         entry = manifest["splits"][split]
         counts = tuple(int(e["samples"]) for e in entry["shards"])
+        if verify:
+            for e in entry["shards"] + ([entry["index"]] if "index" in entry else []):
+                verify_sha256(shard_dir / split / e["name"], e["sha256"])
         index = None
         if "index" in entry:
             index = np.load(shard_dir / split / entry["index"]["name"], allow_pickle=False)

@@ -1,0 +1,107 @@
+"""Faults of files and disks: each one gets one clear error naming the file, and nothing of
+the failed stage is published (the previous output stays)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import CONFIGS
+from diffgrm_dist.config import ModelConfig
+from diffgrm_dist.errors import DataError, DiffGRMError
+from diffgrm_dist.export import EXPORT_WEIGHTS, export_weights, load_exported
+from diffgrm_dist.model import DiffGRM, SidSpec
+from diffgrm_dist.rundir import RunDir
+from diffgrm_dist.shard import ShardSet
+
+pytestmark = pytest.mark.faults
+TINY = CONFIGS / "tiny.yaml"
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def _flip_byte(path, offset: int = 600) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_shard_is_named_before_it_is_read(run_copy):
+    shard = sorted((run_copy / "shard" / "train").glob("*.tar"))[0]
+    assert ShardSet.load(run_copy / "shard", "train").samples > 0  # intact: loads
+    _flip_byte(shard)
+    with pytest.raises(DataError, match=rf"{shard.name}: sha256 .* does not match shards.json"):
+        ShardSet.load(run_copy / "shard", "train")
+    shard.unlink()
+    with pytest.raises(DataError, match=rf"{shard.name}: shard listed in shards.json is missing"):
+        ShardSet.load(run_copy / "shard", "train")
+
+
+def test_training_on_a_corrupt_shard_stops_with_one_clear_error(run_copy, run_cli):
+    shard = sorted((run_copy / "shard" / "train").glob("*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # half-copied
+    code, _, err = run_cli("train", "-c", TINY, "-o", run_copy, "train.launcher=local", "train.epochs=1",
+                           "train.wandb_mode=disabled")
+    assert code == 2 and shard.name in err and "half-copied" in err
+    assert not (run_copy / "train").exists()
+
+
+def test_an_edited_or_truncated_manifest_is_one_clear_error(run_copy, run_cli):
+    path = run_copy / "tokenize" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert RunDir(run_copy).manifest("tokenize") == manifest  # as written: accepted
+    manifest["config_hash"] = "0" * 16  # an edit that would make a stale stage look current
+    path.write_text(json.dumps(manifest))
+    code, _, err = run_cli("shard", "-c", TINY, "-o", run_copy, "--force")
+    assert code == 2 and "tokenize/manifest.json: edited after the stage wrote it" in err
+    path.write_text(path.read_text()[:40])
+    code, _, err = run_cli("shard", "-c", TINY, "-o", run_copy)
+    assert code == 2 and "tokenize/manifest.json: not valid JSON" in err
+
+
+def test_a_corrupt_model_file_is_one_clear_error(tmp_path):
+    spec = SidSpec((16, 16), 8, items=40)
+    cfg = ModelConfig(d_model=32, heads=2, ffn=64, encoder_layers=1, decoder_layers=1)
+    torch.manual_seed(0)
+    export_weights(DiffGRM(cfg, spec).state_dict(), cfg, spec, tmp_path)
+    assert isinstance(load_exported(tmp_path), DiffGRM)
+    weights = tmp_path / EXPORT_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(DiffGRMError, match=rf"{EXPORT_WEIGHTS}: corrupt or not this model's weights"):
+        load_exported(tmp_path)
+    weights.unlink()
+    with pytest.raises(DiffGRMError, match=rf"{EXPORT_WEIGHTS}: missing"):
+        load_exported(tmp_path)
+
+
+def test_a_full_disk_publishes_nothing_and_keeps_the_previous_output(run_copy):
+    """The shard stage re-runs (forced) under a file-size limit of 16 KiB, so its first
+    large write fails as a full disk would; the previous shards must stay untouched."""
+    before = {p.relative_to(run_copy).as_posix(): p.read_bytes()
+              for p in (run_copy / "shard").rglob("*") if p.is_file()}
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+        from diffgrm_dist.cli import main
+        sys.exit(main(["shard", "-c", {str(TINY)!r}, "-o", {str(run_copy)!r}, "--force",
+                       "shard.samples_per_shard=100000"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "out of disk space" in done.stderr and "published nothing" in done.stderr
+    after = {p.relative_to(run_copy).as_posix(): p.read_bytes()
+             for p in (run_copy / "shard").rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in run_copy.iterdir() if p.name.startswith(".shard.tmp")]
