@@ -23,6 +23,7 @@ Outputs (``RUN_DIR/train/``): ``model.safetensors`` + ``model_config.json`` (bes
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
@@ -48,13 +49,14 @@ from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.objectives import AutoregressiveObjective, DenseObjective, DiffusionObjective, no_dropout
 from diffgrm_dist.ranking import Queries, rank_queries
-from diffgrm_dist.rundir import RunDir
+from diffgrm_dist.rundir import RunDir, file_sha256
 from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, ShuffledBatches, split_range
 from diffgrm_dist.sids import load_sids
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
+CHECKSUMS_PREFIX = "checksums.rank"
 
 
 # --------------------------------------------------------------------------- building
@@ -147,6 +149,54 @@ def _free_port() -> int:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def write_checksums(folder: Path, rank: int) -> None:
+    """sha256 of every file this rank put in its checkpoint folder, so a resume can tell a
+    complete checkpoint from a truncated or corrupt one (Ray merges the ranks' folders)."""
+    sums = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / f"{CHECKSUMS_PREFIX}{rank}.json").write_text(json.dumps(sums, indent=1) + "\n")
+
+
+def checkpoint_problem(root: str, filesystem: Any = None) -> str | None:
+    """Why the checkpoint folder ``root`` cannot be resumed from (None: complete and intact).
+    Reads through a pyarrow filesystem, so it works on a bucket as on a local disk."""
+    from pyarrow import fs as pafs
+
+    filesystem = filesystem or pafs.LocalFileSystem()
+    if filesystem.get_file_info(f"{root}/{STATE_FILE}").type != pafs.FileType.File:
+        return f"no {STATE_FILE}"
+    listed = [i for i in filesystem.get_file_info(pafs.FileSelector(root)) if i.base_name.startswith(CHECKSUMS_PREFIX)]
+    if not listed:
+        return "no checksums (written by an older version or cut short)"
+    for info in listed:
+        try:
+            with filesystem.open_input_stream(info.path) as fh:
+                sums = json.loads(fh.read())
+        except (OSError, ValueError):
+            return f"{info.base_name} unreadable"
+        for name, expected in sums.items():
+            digest = hashlib.sha256()
+            try:
+                with filesystem.open_input_stream(f"{root}/{name}") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+            except (OSError, FileNotFoundError):
+                return f"{name} missing"
+            if digest.hexdigest() != expected:
+                return f"{name} does not match its sha256 (truncated or corrupt)"
+    return None
+
+
+def newest_intact(candidates: list[str], filesystem: Any = None) -> str | None:
+    """The newest of ``candidates`` (sorted oldest first) that ``checkpoint_problem``
+    accepts; each one skipped is logged as a warning."""
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path, filesystem)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s skipped: %s; trying the previous one", path, problem)
+    return None
+
+
 class Reporter(Protocol):
     """How a rank reports an epoch (and its checkpoint folder) and finds one to resume."""
 
@@ -163,11 +213,11 @@ class LocalReporter:
         root.mkdir(parents=True, exist_ok=True)
 
     def _epochs(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("epoch-*") if (p / STATE_FILE).is_file())
+        return sorted(p for p in self.root.glob("epoch-*") if p.is_dir())
 
     def latest(self) -> Path | None:
-        found = self._epochs()
-        return found[-1] if found else None
+        found = newest_intact([str(p) for p in self._epochs()])
+        return Path(found) if found else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         target = self.root / f"epoch-{metrics['epoch']:05d}"
@@ -329,6 +379,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 (ckpt / STATE_FILE).write_text(json.dumps(state))
                 export_weights(best_weights, cfg.model, spec, ckpt / "best")
+            write_checksums(ckpt, rank)
             reporter.report(record, ckpt)
         if rank == 0:
             valid = ("" if "score" not in record else
@@ -470,17 +521,17 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, 
 
 
 def _latest_ray_checkpoint(storage: str, filesystem: Any, run_name: str) -> str | None:
-    """Newest complete checkpoint a previous (interrupted) Ray Train run persisted.
+    """Newest complete, intact checkpoint a previous (interrupted) Ray Train run persisted.
 
-    Ray names checkpoints ``checkpoint_<timestamp>``, so the last name is the newest."""
+    Ray names checkpoints ``checkpoint_<timestamp>``, so the last name is the newest; a
+    truncated or corrupt one is skipped for the one before it."""
     from pyarrow import fs as pafs
 
     filesystem = filesystem or pafs.LocalFileSystem()
     root = f"{storage}/{run_name}"
     found = [info.path for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
-             and filesystem.get_file_info(f"{info.path}/{STATE_FILE}").type == pafs.FileType.File]
-    return sorted(found, key=lambda path: path.rsplit("/", 1)[-1])[-1] if found else None
+             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    return newest_intact(sorted(found, key=lambda path: path.rsplit("/", 1)[-1]), filesystem)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:

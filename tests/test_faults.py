@@ -105,3 +105,55 @@ def test_a_full_disk_publishes_nothing_and_keeps_the_previous_output(run_copy):
              for p in (run_copy / "shard").rglob("*") if p.is_file()}
     assert after == before
     assert not [p for p in run_copy.iterdir() if p.name.startswith(".shard.tmp")]
+
+
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_complete_one(run_copy, tmp_path, caplog):
+    """Two epochs leave two checkpoints; the newest is truncated; the next run resumes from
+    the first (with a warning), trains epochs 2 and 3, and its history has each epoch once."""
+    from diffgrm_dist.config import load_config
+    from diffgrm_dist.train import LocalReporter, train_worker
+
+    work = tmp_path / "work"
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def train(epochs: int) -> None:
+        cfg = load_config(TINY, ["train.launcher=local", f"train.epochs={epochs}", "train.wandb_mode=disabled",
+                                 "train.valid_start_epoch=1", "train.patience=10"])
+        train_worker({"cfg": cfg, "run_dir": str(run_copy), "out_dir": str(out), "work_dir": str(work),
+                      "launcher": "local", "threads": 1})
+
+    train(2)
+    reporter = LocalReporter(work)
+    assert [p.name for p in reporter._epochs()] == ["epoch-00001", "epoch-00002"]
+    assert reporter.latest().name == "epoch-00002"
+    newest = work / "epoch-00002"
+    biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 3])
+    with caplog.at_level("WARNING", logger="diffgrm_dist.train"):
+        assert reporter.latest().name == "epoch-00001"
+    assert "epoch-00002 skipped" in caplog.text and "truncated or corrupt" in caplog.text
+
+    train(3)
+    state = json.loads((reporter.latest() / "train_state.json").read_text())
+    assert [r["epoch"] for r in state["history"]] == [1, 2, 3]
+
+
+def test_the_newest_intact_ray_checkpoint_is_chosen(tmp_path):
+    """The Ray launcher's resume point, on the same rule: a checkpoint folder whose files
+    do not match its checksums (or that has none) is passed over."""
+    from diffgrm_dist.train import STATE_FILE, _latest_ray_checkpoint, write_checksums
+
+    root = tmp_path / "ray" / "train"
+    for stamp in ("2026-01-01_00-00-01", "2026-01-01_00-00-02", "2026-01-01_00-00-03"):
+        folder = root / f"checkpoint_{stamp}"
+        (folder / "ds").mkdir(parents=True)
+        (folder / STATE_FILE).write_text("{}")
+        (folder / "ds" / "weights.pt").write_bytes(bytes(range(256)) * 8)
+        write_checksums(folder, rank=0)
+    assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train").endswith("00-00-03")
+    _flip_byte(root / "checkpoint_2026-01-01_00-00-03" / "ds" / "weights.pt")
+    (root / "checkpoint_2026-01-01_00-00-02" / "checksums.rank0.json").unlink()
+    assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train").endswith("00-00-01")
+    _flip_byte(root / "checkpoint_2026-01-01_00-00-01" / STATE_FILE, offset=0)
+    assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train") is None
