@@ -13,6 +13,7 @@ from typing import Any
 
 from diffgrm_dist.config import load_config
 from diffgrm_dist.errors import DiffGRMError
+from diffgrm_dist.raycluster import quiet_library_logs
 from diffgrm_dist.rundir import RunDir, display_uri, is_uri
 from diffgrm_dist.stages import PIPELINE, run_stage
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--run-dir", required=True,
                        help="run directory for the artifacts: a path, or a URI such as s3://bucket/runs/x")
         p.add_argument("--force", action="store_true", help="re-run even if the manifest is current")
+        p.add_argument("--verbose", action="store_true",
+                       help="libraries' own INFO logs and progress bars (Ray, DeepSpeed, transformers)")
         if name == "recommend":
             p.add_argument("--history", nargs="+", metavar="ITEM_ID", help="one history, oldest first")
             p.add_argument("--file", help="histories, one per line (item ids, oldest first)")
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    if getattr(args, "verbose", False):
+        os.environ["DIFFGRM_VERBOSE"] = "1"  # Ray workers inherit it through the runtime env
+    quiet_library_logs()
     try:
         if args.stage in ("submit", "status", "stop"):
             return _jobs(args)

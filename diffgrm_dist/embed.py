@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,8 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
                 pool = ActorPool(actors)
                 todo = ((s, texts[bounds[s]:bounds[s + 1]]) for s in missing)
                 total = sum(bounds[s + 1] - bounds[s] for s in missing)
-                with tqdm(total=total, unit="item", desc="embed", dynamic_ncols=True) as bar:
+                with tqdm(total=total, unit="item", desc="embed", dynamic_ncols=True,
+                          disable=not sys.stderr.isatty()) as bar:
                     for shard, vectors in pool.map_unordered(
                             lambda actor, job: actor.embed.remote(*job), todo):
                         with atomic_file(shard_path(folder, shard)) as tmp, open(tmp, "wb") as fh:

@@ -10,10 +10,52 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+# Library loggers held at WARNING (ERROR where even their warnings repeat without news)
+# unless DIFFGRM_VERBOSE=1 (`diffgrm --verbose`): their INFO lines are per step or per
+# report, and a Ray Train cleaner actor warns every few seconds when the state API is off.
+QUIET_LOGGERS = {
+    "ray": logging.WARNING, "ray.train": logging.WARNING, "ray.data": logging.WARNING,
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "DeepSpeed": logging.ERROR, "deepspeed": logging.ERROR, "torch.distributed": logging.WARNING,
+    "sentence_transformers": logging.WARNING, "transformers": logging.ERROR, "faiss": logging.WARNING,
+    "wandb": logging.WARNING, "filelock": logging.WARNING, "urllib3": logging.WARNING,
+}
+SETUP_HOOK = "diffgrm_dist.raycluster.quiet_library_logs"
+
+
+def verbose() -> bool:
+    return os.environ.get("DIFFGRM_VERBOSE") == "1"
+
+
+def quiet_library_logs() -> None:
+    """Holds library chatter back in this process (the driver, and every Ray worker through
+    the runtime env's setup hook): no progress bars off a terminal, library loggers at
+    WARNING. ``DIFFGRM_VERBOSE=1`` leaves everything as the libraries set it."""
+    if verbose():
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    # Ray Train's per-report INFO line comes from a logger named by its file's path.
+    train_context = sys.modules.get("ray.train.v2._internal.execution.context")
+    if train_context is not None and getattr(train_context, "__file__", None):
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads its defaults from TQDM_*
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def worker_runtime_env() -> dict:
+    """What every worker of this job inherits: the setup hook and the verbosity switch."""
+    keep = ("DIFFGRM_VERBOSE", "WANDB_SILENT", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
+    return {"worker_process_setup_hook": SETUP_HOOK,
+            "env_vars": {k: os.environ[k] for k in keep if k in os.environ}}
 
 
 @dataclass(frozen=True)
@@ -31,13 +73,14 @@ def ray_session(num_cpus: int | None = None) -> Iterator[ClusterResources]:
 
     started = False
     if not ray.is_initialized():
+        quiet_library_logs()
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=worker_runtime_env())
         else:
             # Loopback only; Ray otherwise binds its services to the external interface.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=True)
+                     _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env=worker_runtime_env())
         started = True
     try:
         yield cluster_resources()

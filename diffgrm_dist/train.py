@@ -49,6 +49,7 @@ from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.objectives import AutoregressiveObjective, DenseObjective, DiffusionObjective, no_dropout
 from diffgrm_dist.ranking import Queries, rank_queries
+from diffgrm_dist.raycluster import quiet_library_logs
 from diffgrm_dist.rundir import RunDir, file_sha256
 from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, ShuffledBatches, split_range
 from diffgrm_dist.sids import load_sids
@@ -294,6 +295,9 @@ def train_worker(config: dict[str, Any]) -> None:
     shard_dir, out_dir = run_dir.stage_path("shard"), Path(config["out_dir"])
     launcher = config["launcher"]
     _skip_cpu_shm_build()
+    import deepspeed  # noqa: F401  (it sets its logger's level on import: quiet it after that)
+
+    quiet_library_logs()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     if launcher == "local":
         init_local_process_group()
@@ -491,7 +495,7 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from diffgrm_dist.raycluster import cpus_per_worker, ray_session
+    from diffgrm_dist.raycluster import cpus_per_worker, ray_session, verbose
 
     with ray_session() as resources:
         use_gpu = cfg.train.use_gpu and resources.gpus > 0
@@ -507,7 +511,10 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, 
                                                    resources_per_worker={"CPU": cpus}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=ray.train.RunConfig(name=run_name, storage_path=storage, storage_filesystem=filesystem,
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                           # Ray Train's per-report INFO lines: only with --verbose
+                                           logging_config=ray.train.LoggingConfig(
+                                               log_level="INFO" if verbose() else "WARNING")),
             resume_from_checkpoint=ray.train.Checkpoint(latest, filesystem=filesystem) if latest else None)
         result = trainer.fit()
         if result.checkpoint is None:
