@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import reproduce  # noqa: E402
 
 SCALE_KEYS = {"model": ("d_model", "heads", "ffn", "decoder_layers"),
-              "train": ("lr", "warmup_steps", "epochs", "patience", "valid_start_epoch", "bucket_batches",
+              "train": ("lr", "warmup_steps", "batch_size", "epochs", "patience", "valid_start_epoch", "bucket_batches",
                         "autocast_bf16", "loader_workers"),
               "eval": ("valid_users", "valid_beam_size", "beam_size", "batch_size")}
 

@@ -55,6 +55,8 @@ VARIANTS = (
     Variant("diffgrm", (), "DiffGRM: PSE (OPQ) SIDs + OCN + CPD", paper="full"),
     Variant("ar", ("model.decoder=autoregressive",), "AR baseline: same SIDs, causal decoder, beam search"),
     Variant("dense", ("model.decoder=dense",), "dense next-item baseline (SASRec-style item softmax)"),
+    Variant("diffgrm_b1024", ("train.batch_size=1024", "train.warmup_steps=200"),
+            "DiffGRM at batch 1024 (scale.yaml's): 4x fewer updates", ("sports",)),
     Variant("diffgrm_seed1", ("train.seed=1",), "DiffGRM, training seed 1", ("beauty",)),
     Variant("random_fill", ("train.seed=1", "eval.fill_order=random"),
             "ablation: CPD -> a fixed random fill order (seed 1's model)", ("beauty",),
