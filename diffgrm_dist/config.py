@@ -139,6 +139,9 @@ class TrainConfig:
     loader_workers: int = 2
     wandb_mode: str = "offline"  # offline | online | disabled
     seed: int = 0  # added to the top-level seed for training only (init, window order, noise)
+    # Fault tolerance: how a run survives, not what it computes, so not part of the stage hash.
+    max_failures: int = field(default=3, metadata={"hash": False})  # Ray Train restarts from the latest checkpoint
+    collective_timeout_s: int = field(default=300, metadata={"hash": False})  # survivors of a dead rank give up
 
 
 @dataclass

@@ -121,7 +121,7 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from diffgrm_dist.raycluster import cpus_per_worker, ray_session
+    from diffgrm_dist.raycluster import ACTOR_RESTARTS, check_resources, cpus_per_worker, ray_session
     from diffgrm_dist.rundir import atomic_file
 
     start = time.perf_counter()
@@ -144,7 +144,10 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
             per_actor = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
                          {"num_cpus": cpus_per_worker(resources, actors_used)})
             threads = int(per_actor["num_cpus"]) if not resources.gpus else 0
-            remote = ray.remote(**per_actor)(EmbedWorker)
+            check_resources(resources, actors_used, int(per_actor["num_cpus"]), int(per_actor.get("num_gpus", 0)),
+                            f"tokenize.num_actors={actors_used}")
+            # A killed actor is restarted and its shard retried (each shard is written once, by name).
+            remote = ray.remote(**per_actor, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(EmbedWorker)
             actors = [remote.remote(cfg.model, cfg.batch_size, threads) for _ in range(actors_used)]
             nodes = sorted(set(ray.get([a.node.remote() for a in actors])))
             log.info("embedding %d of %d shards on %d actor(s) (%s each) on %d node(s): %s",

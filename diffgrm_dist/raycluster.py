@@ -27,6 +27,7 @@ QUIET_LOGGERS = {
     "wandb": logging.WARNING, "filelock": logging.WARNING, "urllib3": logging.WARNING,
 }
 SETUP_HOOK = "diffgrm_dist.raycluster.quiet_library_logs"
+ACTOR_RESTARTS = 3  # embedding and ranking actors: restarts of a killed actor, retries of its task
 
 
 def verbose() -> bool:
@@ -97,6 +98,24 @@ def cluster_resources() -> ClusterResources:
     max_node_cpus = max((int(n.get("Resources", {}).get("CPU", 0)) for n in alive), default=0)
     return ClusterResources(cpus=int(total.get("CPU", 0)), gpus=int(total.get("GPU", 0)),
                             nodes=len(alive), max_node_cpus=max_node_cpus)
+
+
+def check_resources(resources: ClusterResources, workers: int, cpus_each: int, gpus_each: int,
+                    what: str) -> None:
+    """One clear error, at once, for a request the cluster can never satisfy (Ray would
+    otherwise wait on its placement group forever)."""
+    from diffgrm_dist.errors import DiffGRMError
+
+    missing = []
+    if workers * gpus_each > resources.gpus:
+        missing.append(f"{workers * gpus_each} GPU(s) for {workers} worker(s), the cluster has {resources.gpus}")
+    if cpus_each > resources.max_node_cpus:
+        missing.append(f"{cpus_each} CPU(s) on one node, the largest node has {resources.max_node_cpus}")
+    if workers * cpus_each > resources.cpus:
+        missing.append(f"{workers * cpus_each} CPU(s) for {workers} worker(s), the cluster has {resources.cpus}")
+    if missing:
+        raise DiffGRMError(f"{what}: the cluster ({resources.nodes} node(s)) can never run this: "
+                           + "; ".join(missing) + ". Lower the request or add nodes.")
 
 
 def node_id() -> str:

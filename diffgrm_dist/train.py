@@ -495,12 +495,14 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from diffgrm_dist.raycluster import cpus_per_worker, ray_session, verbose
+    from diffgrm_dist.raycluster import check_resources, cpus_per_worker, ray_session, verbose
 
     with ray_session() as resources:
         use_gpu = cfg.train.use_gpu and resources.gpus > 0
         workers = cfg.train.num_workers or max(1, resources.gpus if use_gpu else 1)
         cpus = cpus_per_worker(resources, workers) if not use_gpu else 1
+        check_resources(resources, workers, cpus, int(use_gpu), f"train.num_workers={workers}"
+                        f"{' train.use_gpu=true' if use_gpu else ''}")
         config["threads"] = cpus
         storage, filesystem = run_dir.storage(f"{work_rel}/ray")
         run_name = "train"
@@ -509,9 +511,12 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, 
             train_worker, train_loop_config=config,
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            # A rank that dies leaves the others in a collective: they give up after
+            # collective_timeout_s (not gloo/NCCL's 30 min) and Ray Train restarts the group.
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
             run_config=ray.train.RunConfig(name=run_name, storage_path=storage, storage_filesystem=filesystem,
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                           failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                                            # Ray Train's per-report INFO lines: only with --verbose
                                            logging_config=ray.train.LoggingConfig(
                                                log_level="INFO" if verbose() else "WARNING")),

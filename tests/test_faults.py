@@ -4,6 +4,7 @@ the failed stage is published (the previous output stays)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -157,3 +158,91 @@ def test_the_newest_intact_ray_checkpoint_is_chosen(tmp_path):
     assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train").endswith("00-00-01")
     _flip_byte(root / "checkpoint_2026-01-01_00-00-01" / STATE_FILE, offset=0)
     assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train") is None
+
+
+# --------------------------------------------------------------------------- killed workers
+
+
+@pytest.mark.slow
+def test_a_killed_ranking_actor_is_retried_and_every_user_is_ranked_once(tiny_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from faultlib import run_with_one_kill
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    base = ["-c", str(TINY), "-o", str(run), "train.launcher=local", "train.epochs=1", "train.wandb_mode=disabled"]
+    assert subprocess.run([sys.executable, "-m", "diffgrm_dist.cli", "train", *base],
+                          capture_output=True).returncode == 0
+    args = ["evaluate", *base, "eval.num_actors=2", "eval.batch_size=8"]
+    reference = subprocess.run([sys.executable, "-m", "diffgrm_dist.cli", *args], capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    want = pq.read_table(run / "evaluate" / "rankings.parquet").to_pydict()
+    done, report = run_with_one_kill([*args, "--force"], "ray::Ranker.rank", delay_s=0.5)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert report["killed"] is not None, "the ranking finished before the kill: nothing was tested"
+    got = pq.read_table(run / "evaluate" / "rankings.parquet").to_pydict()
+    assert got["user"] == want["user"] and got["item"] == want["item"]  # each user once, same order
+
+
+@pytest.mark.slow
+def test_a_killed_embedding_actor_is_retried_and_the_sids_are_the_same(tiny_run, tmp_path):
+    from faultlib import run_with_one_kill
+
+    runs = {}
+    for name in ("reference", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(tiny_run, runs[name])
+    def args(name: str) -> list[str]:  # an empty cache each: every shard is embedded again
+        return ["tokenize", "-c", str(TINY), "-o", str(runs[name]), f"tokenize.embedding_cache={tmp_path / name}.cache",
+                "tokenize.num_actors=2", "tokenize.shard_items=50", "--force"]
+    reference = subprocess.run([sys.executable, "-m", "diffgrm_dist.cli", *args("reference")],
+                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    done, report = run_with_one_kill(args("killed"), "ray::EmbedWorker.embed")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert report["killed"] is not None, "the embedding finished before the kill: nothing was tested"
+    want = (runs["reference"] / "tokenize" / "sids.parquet").read_bytes()
+    assert (runs["killed"] / "tokenize" / "sids.parquet").read_bytes() == want
+
+
+@pytest.mark.slow
+def test_a_killed_training_rank_is_restarted_and_the_job_finishes(tiny_run, tmp_path):
+    from faultlib import run_with_one_kill
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    args = ["train", "-c", str(TINY), "-o", str(run), "train.epochs=4", "train.wandb_mode=disabled",
+            "train.max_failures=2"]
+
+    def after_first_checkpoint() -> bool:
+        return any((run / "train.work").rglob("checkpoint_*/train_state.json"))
+
+    done, report = run_with_one_kill(args, "ray::RayTrainWorker", when=after_first_checkpoint)
+    assert report["killed"] is not None, "training finished before the kill: nothing was tested"
+    assert done.returncode == 0, done.stdout[-3000:]
+    history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # each epoch once in the kept history
+
+
+# --------------------------------------------------------------------------- impossible resources
+
+
+@pytest.mark.parametrize("stage,override,what", [
+    ("train", "train.num_workers=64", "train.num_workers=64"),
+    ("tokenize", "tokenize.num_actors=64", "tokenize.num_actors"),
+])
+def test_a_request_the_cluster_can_never_satisfy_fails_at_once(tiny_run, tmp_path, run_cli, stage, override, what):
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    extra = [f"tokenize.embedding_cache={tmp_path / 'empty-cache'}", "tokenize.shard_items=4"] \
+        if stage == "tokenize" else ["train.wandb_mode=disabled"]
+    start = time.perf_counter()
+    code, _, err = run_cli(stage, "-c", TINY, "-o", run, override, *extra, "--force")
+    assert code == 2 and what in err and "can never run this" in err and "the cluster has" in err
+    assert time.perf_counter() - start < 120
+    before = tiny_run / stage / "manifest.json"  # nothing published: the earlier output, or none
+    assert (run / stage / "manifest.json").read_bytes() == before.read_bytes() if before.is_file() \
+        else not (run / stage).exists()
