@@ -142,6 +142,7 @@ class TrainConfig:
     # Fault tolerance: how a run survives, not what it computes, so not part of the stage hash.
     max_failures: int = field(default=3, metadata={"hash": False})  # Ray Train restarts from the latest checkpoint
     collective_timeout_s: int = field(default=300, metadata={"hash": False})  # survivors of a dead rank give up
+    checkpoint_every_steps: int = field(default=0, metadata={"hash": False})  # >0: also mid-epoch, exact resume
 
 
 @dataclass

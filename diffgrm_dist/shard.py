@@ -22,6 +22,7 @@ rank (ranks with different counts would hang collective ops at epoch end):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import mmap
 import os
@@ -296,9 +297,13 @@ class BalancedBatches:
         self.stream, self.batch_size = stream, batch_size
         self.workers = loader_workers
         self.steps = epoch_steps(stream.shards.samples, stream.world, batch_size)
+        self.skip, self.digest = 0, ""
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0, digest: str = "") -> None:
+        """As ``ShuffledBatches.set_epoch``; a stream has no random access, so the first
+        ``skip`` batches are read past (never collated or handed to the model)."""
         self.stream.set_epoch(epoch)
+        self.skip, self.digest = skip, digest
 
     def __len__(self) -> int:
         return self.steps
@@ -310,8 +315,12 @@ class BalancedBatches:
         sizes = [hi - lo for lo, hi in (split_range(n, self.steps, i) for i in range(self.steps))]
         it = iter(loader)
         digits = len(self.stream.shards.digit_sizes)
-        for size in sizes:
+        for step, size in enumerate(sizes):
             batch = [next(it) for _ in range(size)]
+            if step < self.skip:
+                continue
+            keys = "\n".join(sample["key"] for sample in batch)
+            self.digest = hashlib.sha256((self.digest + keys).encode()).hexdigest()
             yield collate(batch, self.stream.shards.max_history, digits)
         for leftover in it:  # the stream and the plan disagree: a bug, not a data problem
             raise RuntimeError(f"rank {self.stream.rank}: sample {leftover['key']} beyond the plan")
@@ -405,11 +414,15 @@ class ShuffledBatches:
         self.windows = IndexedWindows(shards)
         self.rank, self.world, self.seed, self.batch_size = rank, world, seed, batch_size
         self.workers, self.bucket_batches = loader_workers, bucket_batches
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
+        self.digest = ""
         self.steps = epoch_steps(shards.samples, world, batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0, digest: str = "") -> None:
+        """Epoch ``epoch``'s plan, starting after its first ``skip`` batches (a resumed
+        epoch: those windows are never read again); ``digest`` is the windows digest of the
+        batches skipped, as ``self.digest`` read after them."""
+        self.epoch, self.skip, self.digest = epoch, skip, digest
 
     def plan(self) -> list[np.ndarray]:
         """This epoch's batches of sample ids, in order."""
@@ -423,5 +436,11 @@ class ShuffledBatches:
         shards = self.windows.shards
         batcher = functools.partial(collate, max_history=shards.max_history,
                                     digits=len(shards.digit_sizes))
-        yield from torch.utils.data.DataLoader(self.windows, batch_sampler=self.plan(),
-                                               num_workers=self.workers, collate_fn=batcher)
+        plan = self.plan()[self.skip:]
+        loader = torch.utils.data.DataLoader(self.windows, batch_sampler=plan, num_workers=self.workers,
+                                             collate_fn=batcher)
+        for ids, batch in zip(plan, loader):
+            # A chained digest of the window ids handed out, batch by batch: the same after a
+            # resume as without one, and carried across the resume as a string.
+            self.digest = hashlib.sha256(self.digest.encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+            yield batch

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 CHECKSUMS_PREFIX = "checksums.rank"
+PARTIAL_PREFIX = "partial.rank"
 
 
 # --------------------------------------------------------------------------- building
@@ -157,6 +158,27 @@ def write_checksums(folder: Path, rank: int) -> None:
     (folder / f"{CHECKSUMS_PREFIX}{rank}.json").write_text(json.dumps(sums, indent=1) + "\n")
 
 
+def save_partial(folder: Path, rank: int, progress: dict[str, Any] | None) -> None:
+    """This rank's RNG (dropout, noising) and, mid-epoch, its progress: a resumed run
+    continues with the very random numbers and windows the uninterrupted one would use."""
+    from safetensors.torch import save_file
+
+    save_file({"torch": torch.get_rng_state()}, str(folder / f"rng.rank{rank}.safetensors"))
+    if progress is not None:
+        (folder / f"{PARTIAL_PREFIX}{rank}.json").write_text(json.dumps(progress))
+
+
+def load_partial(folder: Path, rank: int) -> dict[str, Any] | None:
+    """Restores this rank's RNG from a checkpoint; returns its mid-epoch progress, if any."""
+    from safetensors.torch import load_file
+
+    rng = folder / f"rng.rank{rank}.safetensors"
+    if rng.is_file():
+        torch.set_rng_state(load_file(str(rng))["torch"])
+    path = folder / f"{PARTIAL_PREFIX}{rank}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def checkpoint_problem(root: str, filesystem: Any = None) -> str | None:
     """Why the checkpoint folder ``root`` cannot be resumed from (None: complete and intact).
     Reads through a pyarrow filesystem, so it works on a bucket as on a local disk."""
@@ -221,7 +243,9 @@ class LocalReporter:
         return Path(found) if found else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        target = self.root / f"epoch-{metrics['epoch']:05d}"
+        # Completed epochs, then steps into the next: names sort in training order.
+        step = f".step-{metrics['step']:07d}" if "step" in metrics else ""
+        target = self.root / f"epoch-{metrics['epoch']:05d}{step}"
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(checkpoint_dir, target)
@@ -321,21 +345,46 @@ def train_worker(config: dict[str, Any]) -> None:
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's weights
+    partial: dict[str, Any] | None = None  # this rank's progress into an unfinished epoch
     resume = reporter.latest()
     if resume is not None:
         engine.load_checkpoint(str(resume), tag="ds", load_module_strict=True)
         state = json.loads((resume / STATE_FILE).read_text())
+        partial = load_partial(resume, rank)
         if rank == 0:
             from safetensors.torch import load_file
 
-            best_weights = load_file(str(resume / "best" / EXPORT_WEIGHTS))
-            log.info("resumed from %s after epoch %d", resume, state["epoch"])
+            if (resume / "best" / EXPORT_WEIGHTS).is_file():
+                best_weights = load_file(str(resume / "best" / EXPORT_WEIGHTS))
+            where = f"epoch {state['epoch']}" + (f" + {partial['steps']} steps" if partial else "")
+            log.warning("resumed from %s after %s", resume, where)
     wandb_run = _wandb(cfg, out_dir) if rank == 0 else None
+    every = cfg.train.checkpoint_every_steps
+
+    def save_checkpoint(record: dict[str, Any], progress: dict[str, Any] | None) -> None:
+        """Every rank's DeepSpeed state, its RNG and progress into the epoch; rank 0's run state
+        and best weights; checksums; one report (all ranks report together)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp)
+            engine.save_checkpoint(str(ckpt), tag="ds")
+            save_partial(ckpt, rank, progress)
+            if rank == 0:
+                (ckpt / STATE_FILE).write_text(json.dumps(state))
+                if best_weights is not None:  # none yet inside the first epoch
+                    export_weights(best_weights, cfg.model, spec, ckpt / "best")
+            write_checksums(ckpt, rank)
+            reporter.report(record, ckpt)
+
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
-        train_batches.set_epoch(epoch)
         engine.train()
         start = time.perf_counter()
-        loss_sum, steps, samples = 0.0, 0, 0
+        if partial is not None and partial["epoch"] == epoch:  # resume inside this epoch
+            loss_sum, steps, samples, spent = partial["loss_sum"], partial["steps"], partial["samples"], partial["seconds"]
+            train_batches.set_epoch(epoch, skip=steps, digest=partial["digest"])
+        else:
+            loss_sum, steps, samples, spent = 0.0, 0, 0, 0.0
+            train_batches.set_epoch(epoch)
+        partial = None
         bar = _progress(len(train_batches), f"epoch {epoch}", rank)
         for batch in train_batches:
             with autocast:
@@ -348,15 +397,23 @@ def train_worker(config: dict[str, Any]) -> None:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 bar.update(1)
+            if every and steps % every == 0 and steps < len(train_batches):
+                save_checkpoint({"epoch": epoch - 1, "step": steps}, {
+                    "epoch": epoch, "steps": steps, "loss_sum": loss_sum, "samples": samples,
+                    "seconds": spent + time.perf_counter() - start, "digest": train_batches.digest})
         if bar is not None:
             bar.close()
-        seconds = time.perf_counter() - start
+        seconds = spent + time.perf_counter() - start
         totals = torch.tensor([loss_sum, steps, samples, seconds], dtype=torch.float64)
         dist.all_reduce(totals)
+        digests: list[str | None] = [None] * world
+        dist.all_gather_object(digests, train_batches.digest)
         eval_model = _full_model(engine, model, cfg)
         record = {"epoch": epoch, "loss": totals[0].item() / max(totals[1].item(), 1),
                   "lr": scheduler.get_last_lr()[0], "epoch_s": seconds,
-                  "samples_per_s": totals[2].item() / max(totals[3].item() / world, 1e-9)}
+                  "samples_per_s": totals[2].item() / max(totals[3].item() / world, 1e-9),
+                  # which windows this epoch trained on, in which order, on every rank
+                  "windows_digest": hashlib.sha256("".join(map(str, digests)).encode()).hexdigest()[:16]}
         # Validation from train.valid_start_epoch (and always after the last epoch); the
         # selection score reads train.select_on's level; patience counts validations.
         if epoch >= cfg.train.valid_start_epoch or epoch == cfg.train.epochs:
@@ -377,14 +434,7 @@ def train_worker(config: dict[str, Any]) -> None:
         state["epoch"] = epoch
         state["history"].append(record)
         state["nodes"] = sorted(set(map(str, nodes)))
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = Path(tmp)
-            engine.save_checkpoint(str(ckpt), tag="ds")
-            if rank == 0:
-                (ckpt / STATE_FILE).write_text(json.dumps(state))
-                export_weights(best_weights, cfg.model, spec, ckpt / "best")
-            write_checksums(ckpt, rank)
-            reporter.report(record, ckpt)
+        save_checkpoint(record, None)
         if rank == 0:
             valid = ("" if "score" not in record else
                      ", valid item R@10 %.4f N@10 %.4f, sid R@10 %.4f N@10 %.4f (%.0f s)" % (

@@ -246,3 +246,49 @@ def test_a_request_the_cluster_can_never_satisfy_fails_at_once(tiny_run, tmp_pat
     before = tiny_run / stage / "manifest.json"  # nothing published: the earlier output, or none
     assert (run / stage / "manifest.json").read_bytes() == before.read_bytes() if before.is_file() \
         else not (run / stage).exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_at_the_exact_window(tiny_run, tmp_path):
+    """Step checkpoints: a SIGKILL between two of them loses only the steps since the last;
+    the resumed run skips the windows already trained on, and every epoch's windows (their
+    digest), loss and validation equal those of a run that was never interrupted."""
+    import signal
+    import time
+
+    from faultlib import DIFFGRM
+
+    def args(run) -> list[str]:
+        return [DIFFGRM, "train", "-c", str(TINY), "-o", str(run), "train.launcher=local", "train.epochs=2",
+                "train.patience=10", "train.wandb_mode=disabled", "train.checkpoint_every_steps=4",
+                "train.valid_start_epoch=1"]
+
+    runs = {name: tmp_path / name for name in ("whole", "killed")}
+    for run in runs.values():
+        shutil.copytree(tiny_run, run)
+    whole = subprocess.run(args(runs["whole"]), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    proc = subprocess.Popen(args(runs["killed"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill after a mid-epoch-2 checkpoint
+        if list(runs["killed"].glob("train.work/*/local/epoch-00001.step-*/checksums.rank0.json")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(args(runs["killed"]), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "+ " in resumed.stderr and " steps" in resumed.stderr
+
+    def history(run) -> list[dict]:
+        return [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+
+    a, b = history(runs["whole"]), history(runs["killed"])
+    assert [r["epoch"] for r in b] == [1, 2]
+    assert [r["windows_digest"] for r in a] == [r["windows_digest"] for r in b]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
+    assert [r["item/ndcg@10"] for r in b] == pytest.approx([r["item/ndcg@10"] for r in a], rel=1e-6)
+    assert a[0]["windows_digest"] != a[1]["windows_digest"]  # each epoch reshuffles
