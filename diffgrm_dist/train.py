@@ -6,14 +6,17 @@ ranks), lets the DeepSpeed engine own the optimiser (AdamW), the warm-up + cosin
 schedule, gradient clipping, ZeRO stage and bf16 (optionally the forward under bf16
 autocast), validates from ``train.valid_start_epoch`` with the same ranking code as the
 evaluate stage (metrics summed across ranks; all validation users or a seeded sample),
-checkpoints every epoch and resumes from the latest checkpoint, keeps the best model by
+checkpoints every epoch (and every ``train.checkpoint_every_steps`` steps: a resumed epoch
+skips the windows already trained on and restores each rank's RNG, so it trains exactly as
+an uninterrupted one), resumes from the newest intact checkpoint, keeps the best model by
 0.8*NDCG@10 + 0.2*Recall@10 at ``train.select_on``'s level, and stops early after
 ``patience`` validations without improvement.
 
 Launchers:
 - ``ray`` (default): ``TorchTrainer`` with ``ScalingConfig(num_workers, use_gpu)``, gloo on
-  CPU and nccl on GPU; each epoch every rank saves its DeepSpeed checkpoint into a folder
-  it reports with ``ray.train.report``; a restarted run resumes from the newest one.
+  CPU and nccl on GPU; at each checkpoint every rank saves its DeepSpeed state into a folder
+  it reports with ``ray.train.report``; a rank that dies makes Ray Train restart the group
+  from the newest one (``train.max_failures``), as does a re-run of the stage.
 - ``local``: one process, no Ray, for debugging; checkpoints under the work folder.
 
 Outputs (``RUN_DIR/train/``): ``model.safetensors`` + ``model_config.json`` (best epoch),
