@@ -70,7 +70,7 @@ def test_uri_display_hides_credentials_and_submit_accepts_uris():
 
 
 def test_resume_finds_the_newest_complete_ray_checkpoint_on_a_uri(tmp_path):
-    from diffgrm_dist.train import STATE_FILE, _latest_ray_checkpoint
+    from diffgrm_dist.train import STATE_FILE, _latest_ray_checkpoint, write_checksums
 
     run_dir = RunDir((tmp_path / "remote").as_uri(), cache_dir=tmp_path / "cache")
     storage, filesystem = run_dir.storage("train.work/key/ray")
@@ -80,8 +80,9 @@ def test_resume_finds_the_newest_complete_ray_checkpoint_on_a_uri(tmp_path):
                            ("checkpoint_2026-11-23_11-00-00.000", True),
                            ("checkpoint_2026-11-23_12-00-00.000", False)):  # upload cut short
         (root / name).mkdir(parents=True)
-        if complete:
+        if complete:  # a complete checkpoint: its state and the checksums of its files
             (root / name / STATE_FILE).write_text("{}")
+            write_checksums(root / name, rank=0)
     latest = _latest_ray_checkpoint(storage, filesystem, "train")
     assert latest.endswith("checkpoint_2026-11-23_11-00-00.000")
     assert filesystem.get_file_info(f"{latest}/{STATE_FILE}").size == 2
