@@ -7,7 +7,8 @@ actors, step checkpoints every ``--every`` steps under Ray Train and 2 ranking a
 Each trial copies the reference's upstream stages, re-runs one stage (``--force``) and kills
 one of its Ray workers (only descendants of that stage's own process, so nothing else on
 the machine is touched) after a random delay drawn from [0, the stage's reference
-duration). Checked per trial:
+duration): embedding and ranking actors while they run a task (a shard, a chunk of users),
+training ranks at any moment (start-up, mid-epoch, validation). Checked per trial:
 - the stage finished on its own (exit code 0, no re-launch);
 - ``embed``: the SIDs are byte-identical to the reference's;
 - ``train``: every epoch's windows digest (which windows, in which order, on every rank)
@@ -36,10 +37,10 @@ from benchlib import device_string, git_info, write_json  # noqa: E402
 from faultlib import DIFFGRM, run_with_one_kill  # noqa: E402
 
 TINY = ROOT / "configs" / "tiny.yaml"
-KINDS = {  # kind -> (stage, Ray process title of its workers)
-    "train": ("train", "ray::RayTrainWorker"),
-    "embed": ("tokenize", "ray::EmbedWorker"),
-    "rank": ("evaluate", "ray::Ranker"),
+KINDS = {  # kind -> (stage, Ray process title of the workers to kill)
+    "train": ("train", "ray::RayTrainWorker"),  # any moment: start-up, an epoch, validation
+    "embed": ("tokenize", "ray::EmbedWorker.embed"),  # while it embeds a shard (not while loading)
+    "rank": ("evaluate", "ray::Ranker.rank"),  # while it ranks a chunk of users
 }
 STAGES = ("prepare", "tokenize", "shard", "train", "evaluate")
 
@@ -116,7 +117,7 @@ def trial(kind: str, reference: Path, seconds: dict[str, float], work: Path, ext
                                      when=lambda: time.time() - began >= delay)
     out = {"kind": kind, "stage": stage, "delay_s": round(delay, 2), "wall_s": round(time.perf_counter() - start, 1),
            "killed": report["killed"], "finished": done.returncode == 0,
-           "recovery_logged": "resumed from" in done.stdout or kind != "train"}
+           "resumed": "resumed from" in done.stdout}
     if report["killed"] is not None and done.returncode == 0:
         out.update(check(kind, run, reference))
     elif done.returncode != 0:
@@ -158,15 +159,17 @@ def main() -> None:
         row = {"kind": kind, "kills": sum(t["killed"] is not None for t in mine),
                "finished_on_their_own": sum(t["finished"] for t in mine),
                "identical_outcome": sum(bool(t.get("identical")) for t in mine)}
-        if kind == "train":
+        if kind == "train":  # killed after a checkpoint: the restart resumed from it
+            row["resumed_from_checkpoint"] = sum(bool(t.get("resumed")) for t in mine)
             row["epochs_same_digest"] = f"{sum(t.get('epochs_same_digest', 0) for t in mine)}/" \
                                         f"{sum(t.get('epochs', 0) for t in mine)}"
         rows.append(row)
-    print("\n| kind | kills | finished on their own | identical outcome | epochs with the reference's windows digest |")
-    print("|---|---|---|---|---|")
+    print("\n| kind | kills | finished on their own | identical outcome | epochs with the reference's windows "
+          "digest | resumed from a checkpoint |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['kind']} | {row['kills']} | {row['finished_on_their_own']} | {row['identical_outcome']} | "
-              f"{row.get('epochs_same_digest', '-')} |")
+              f"{row.get('epochs_same_digest', '-')} | {row.get('resumed_from_checkpoint', '-')} |")
     write_json(args.out, {"device": device_string(), "commit": git_info(ROOT)["commit"], "seed": args.seed,
                           "every": args.every, "reference_s": seconds, "attempts": attempts, "rows": rows,
                           "trials": trials})
