@@ -121,7 +121,7 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from diffgrm_dist.raycluster import ACTOR_RESTARTS, check_resources, cpus_per_worker, ray_session
+    from diffgrm_dist.raycluster import ray_session, replica_actor
     from diffgrm_dist.rundir import atomic_file
 
     start = time.perf_counter()
@@ -141,13 +141,9 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
         with ray_session() as resources:
             actors_used = cfg.num_actors or max(1, resources.gpus or resources.cpus)
             actors_used = min(actors_used, len(missing))
-            per_actor = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
-                         {"num_cpus": cpus_per_worker(resources, actors_used)})
-            threads = int(per_actor["num_cpus"]) if not resources.gpus else 0
-            check_resources(resources, actors_used, int(per_actor["num_cpus"]), int(per_actor.get("num_gpus", 0)),
-                            f"tokenize.num_actors={actors_used}")
             # A killed actor is restarted and its shard retried (each shard is written once, by name).
-            remote = ray.remote(**per_actor, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(EmbedWorker)
+            remote, per_actor, threads = replica_actor(EmbedWorker, resources, actors_used,
+                                                       f"tokenize.num_actors={actors_used}")
             actors = [remote.remote(cfg.model, cfg.batch_size, threads) for _ in range(actors_used)]
             nodes = sorted(set(ray.get([a.node.remote() for a in actors])))
             log.info("embedding %d of %d shards on %d actor(s) (%s each) on %d node(s): %s",

@@ -87,22 +87,18 @@ def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: Experim
         import ray
         from ray.util import ActorPool
 
-        from diffgrm_dist.raycluster import ACTOR_RESTARTS, check_resources, cpus_per_worker, ray_session
+        from diffgrm_dist.raycluster import ray_session, replica_actor
 
         with ray_session() as resources:
             actors = cfg.eval.num_actors or max(1, resources.gpus or resources.cpus)
             bounds = chunks(actors)
             actors = max(1, min(actors, len(bounds)))
-            options = ({"num_gpus": 1, "num_cpus": 1} if resources.gpus else
-                       {"num_cpus": cpus_per_worker(resources, actors)})
-            shared = {key: ray.put(value) if isinstance(value, SidTable) else value
-                      for key, value in make_ranker.items()}
-            shared["threads"] = 0 if resources.gpus else int(options["num_cpus"])
-            check_resources(resources, actors, int(options["num_cpus"]), int(options.get("num_gpus", 0)),
-                            f"eval.num_actors={actors}")
             # A killed actor is restarted and its chunk retried; pool.map keeps chunk order, so
             # every user is ranked exactly once.
-            remote = ray.remote(**options, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(Ranker)
+            remote, _, threads = replica_actor(Ranker, resources, actors, f"eval.num_actors={actors}")
+            shared = {key: ray.put(value) if isinstance(value, SidTable) else value
+                      for key, value in make_ranker.items()}
+            shared["threads"] = threads
             pool_actors = [remote.remote(**shared) for _ in range(actors)]
             nodes = sorted(set(ray.get([a.node.remote() for a in pool_actors])))
             log.info("evaluating on %d actor(s) on %d node(s): %s", actors, len(nodes), nodes)

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,19 @@ def check_resources(resources: ClusterResources, workers: int, cpus_each: int, g
     if missing:
         raise DiffGRMError(f"{what}: the cluster ({resources.nodes} node(s)) can never run this: "
                            + "; ".join(missing) + ". Lower the request or add nodes.")
+
+
+def replica_actor(cls: type, resources: ClusterResources, replicas: int, what: str) -> tuple[Any, dict, int]:
+    """``cls`` as a Ray actor class for ``replicas`` copies: one GPU each where the cluster
+    has GPUs, else an even share of its CPUs; a request it can never satisfy fails at once;
+    a killed copy is restarted and its task retried. Returns the class, its resource
+    options and the torch threads each copy should use (0: leave it to the GPU)."""
+    import ray
+
+    options = {"num_gpus": 1, "num_cpus": 1} if resources.gpus else {"num_cpus": cpus_per_worker(resources, replicas)}
+    check_resources(resources, replicas, options["num_cpus"], options.get("num_gpus", 0), what)
+    remote = ray.remote(**options, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(cls)
+    return remote, options, 0 if resources.gpus else options["num_cpus"]
 
 
 def node_id() -> str:
