@@ -154,6 +154,7 @@ class EvalConfig:
     top_k: int = 10
     final_step: str = "global"  # global (paper) | greedy (released code)
     fill_order: str = "confidence"  # confidence (CPD) | random (a fixed random order: ablation)
+    fill_digits: int = 1  # digits CPD fills per decoder pass (1: the paper's CPD; m: ceil(n/m) passes)
     item_rule: str = "code_prob"  # code_prob: log p(code) + log p(item|code) | expand: code's items tied
     valid_users: int = 0  # per-epoch validation on this seeded sample of users; 0 = all
     autocast_bf16: bool = False  # bf16 autocast in decoding
@@ -190,6 +191,8 @@ class ExperimentConfig:
             raise ConfigError("data.text_template: needs at least one segment")
         if self.prepare.max_history < 1 or self.prepare.min_history < 1:
             raise ConfigError("prepare.max_history and prepare.min_history must be >= 1")
+        if self.eval.fill_digits < 1:
+            raise ConfigError(f"eval.fill_digits: must be >= 1, got {self.eval.fill_digits}")
         choices = {"model.decoder": (self.model.decoder, ("diffusion", "autoregressive", "dense")),
                    "train.shuffle": (self.train.shuffle, ("windows", "shards")),
                    "train.select_on": (self.train.select_on, ("sid", "item")),

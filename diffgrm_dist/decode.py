@@ -10,7 +10,7 @@ with memory linear in items and no item x item structure:
 CPD (Confidence-guided Parallel Denoising), batched over users x beams with no Python loop
 over beams or codes: start fully masked; at each of n steps score every (beam, unfilled
 digit, code), add it to the beam's log-probability, keep the global top-B per user, fill
-one digit. The encoder output and the cross-attention keys/values are computed once per
+one digit (or m digits per decoder pass, ``fill_digits``). The encoder output and the cross-attention keys/values are computed once per
 user; all beams of a user read them through grouped cross-attention.
 """
 
@@ -251,7 +251,8 @@ class Beams:
 
 @torch.no_grad()
 def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
-        final_step: str = "global", fill_order: torch.Tensor | None = None) -> Beams:
+        final_step: str = "global", fill_order: torch.Tensor | None = None,
+        fill_digits: int = 1) -> Beams:
     """Confidence-guided Parallel Denoising.
 
     Beams that reach the same state (the same digits filled with the same codes, in another
@@ -261,44 +262,54 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
     ``greedy`` fills each beam's last digit with its best existing code (released code).
     ``fill_order``: a fixed digit order (the ablation's "random fixed order"); None lets
     confidence choose.
+    ``fill_digits`` (m): digits filled per decoder pass. After a pass, the global top-B
+    selection runs m times on that pass's log-probabilities (each beam keeps its parent's
+    table, filled digits blocked), so a beam's m new digits are the most confident ones and
+    its score is their joint log-probability under that pass: ceil(n/m) passes instead of
+    n. m = 1 is the paper's CPD.
     """
+    if fill_digits < 1:
+        raise ValueError(f"eval.fill_digits must be >= 1, got {fill_digits}")
     users = memory.mask.shape[0]
     n, k = catalogue.digits, max(catalogue.sizes)
     device = memory.mask.device
     codes = torch.zeros(users, 1, n, dtype=torch.long, device=device)
     filled = torch.zeros(users, 1, n, dtype=torch.bool, device=device)
     scores = torch.zeros(users, 1, device=device)
-    for step in range(n):
+    fills = 0  # digits filled so far (the same for every beam)
+    while fills < n:
         width = codes.shape[1]
         logits = model.denoise(memory, codes.view(-1, n), ~filled.view(-1, n))
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, n, k)
-        allowed = catalogue.candidates_exist(codes, filled)  # (U, W, n, k)
-        if fill_order is not None:
-            allowed = allowed & (torch.arange(n, device=device) == fill_order[step])[None, None, :, None]
-        total = torch.where(allowed, scores[..., None, None] + logp,
-                            torch.full_like(logp, NEG_INF))
-        last = step == n - 1
-        if last and final_step == "greedy":
-            best, where = total.view(users, width, n * k).max(dim=-1)
-            pick_beam = torch.arange(width, device=device).expand(users, width)
-            flat = where
-            new_scores = best
-        else:
-            # A state with step+1 filled digits has at most step+1 parents among the (unique)
-            # beams, so the best beam*(step+1) candidates hold the best `beam` distinct states.
-            take = min(beam * (step + 1), width * n * k)
-            cand_scores, idx = total.view(users, -1).topk(take, dim=-1)
-            pick_beam, flat = idx // (n * k), idx % (n * k)
-            key = _state_key(catalogue, codes, filled, pick_beam, flat // k, flat % k)
-            cand_scores = _drop_repeats(key, cand_scores)
-            new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
-            pick_beam, flat = pick_beam.gather(1, keep), flat.gather(1, keep)
-        digit, code = flat // k, flat % k
-        codes = torch.gather(codes, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
-        filled = torch.gather(filled, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
-        codes.scatter_(2, digit[..., None], code[..., None])
-        filled.scatter_(2, digit[..., None], True)
-        scores = new_scores
+        for _ in range(min(fill_digits, n - fills)):
+            width = codes.shape[1]
+            allowed = catalogue.candidates_exist(codes, filled)  # (U, W, n, k)
+            if fill_order is not None:
+                allowed = allowed & (torch.arange(n, device=device) == fill_order[fills])[None, None, :, None]
+            total = torch.where(allowed, scores[..., None, None] + logp, torch.full_like(logp, NEG_INF))
+            if fills == n - 1 and final_step == "greedy":
+                new_scores, flat = total.view(users, width, n * k).max(dim=-1)
+                pick_beam = torch.arange(width, device=device).expand(users, width)
+            else:
+                # A state with fills+1 filled digits has at most fills+1 parents among the
+                # (unique) beams, so the best beam*(fills+1) candidates hold the best `beam`
+                # distinct states.
+                take = min(beam * (fills + 1), width * n * k)
+                cand_scores, idx = total.view(users, -1).topk(take, dim=-1)
+                pick_beam, flat = idx // (n * k), idx % (n * k)
+                key = _state_key(catalogue, codes, filled, pick_beam, flat // k, flat % k)
+                cand_scores = _drop_repeats(key, cand_scores)
+                new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
+                pick_beam, flat = pick_beam.gather(1, keep), flat.gather(1, keep)
+            digit, code = flat // k, flat % k
+            codes = torch.gather(codes, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
+            filled = torch.gather(filled, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
+            codes.scatter_(2, digit[..., None], code[..., None])
+            filled.scatter_(2, digit[..., None], True)
+            scores = new_scores
+            fills += 1
+            if fills < n and fill_digits > 1:  # the next fill reads the same pass
+                logp = torch.gather(logp, 1, pick_beam[..., None, None].expand(-1, -1, n, k))
     order = scores.argsort(dim=1, descending=True)
     scores = torch.gather(scores, 1, order)
     codes = torch.gather(codes, 1, order[..., None].expand(-1, -1, n))
@@ -330,18 +341,26 @@ def _drop_repeats(key: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int) -> Beams:
+def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
+                   kv_cache: bool = True) -> Beams:
     """Left-to-right beam search of the autoregressive decoder, constrained to prefixes
-    that exist (prefixes are partial patterns too). Each step re-runs the decoder over the
-    prefix (n <= 5 slots); keys/values of the encoder output are computed once per user."""
+    that exist (prefixes are partial patterns too). With ``kv_cache`` each step runs the
+    decoder on the newest slot only, against the cached keys/values of the earlier slots
+    (reordered with the beams): O(B * n * d) decoder work per user. Without it each step
+    re-runs the whole prefix (the earlier implementation, kept as the benchmark's baseline).
+    Keys/values of the encoder output are computed once per user either way."""
     users = memory.mask.shape[0]
     n, k = catalogue.digits, max(catalogue.sizes)
     device = memory.mask.device
     codes = torch.zeros(users, 1, 0, dtype=torch.long, device=device)
     scores = torch.zeros(users, 1, device=device)
+    past, prev = None, None
     for step in range(n):
         width = codes.shape[1]
-        logits = model.autoregress(memory, codes.view(users * width, step))[:, step]
+        if kv_cache:
+            logits, past = model.autoregress_step(memory, prev, step, past)
+        else:
+            logits = model.autoregress(memory, codes.view(users * width, step))[:, step]
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, k)
         padded = torch.cat([codes, codes.new_zeros(users, width, n - step)], dim=2)
         filled = torch.arange(n, device=device) < step
@@ -351,6 +370,10 @@ def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: i
         parent, code = idx // k, idx % k
         codes = torch.cat([torch.gather(codes, 1, parent[..., None].expand(-1, -1, step)),
                            code[..., None]], dim=2)
+        if kv_cache and step < n - 1:
+            rows = (torch.arange(users, device=device)[:, None] * width + parent).view(-1)
+            past = [(key[rows], value[rows]) for key, value in past]
+            prev = code.view(-1)
     groups = catalogue.groups_of(codes)
     groups = torch.where(torch.isfinite(scores), groups, torch.full_like(groups, -1))
     return Beams(codes, scores, groups)
@@ -369,13 +392,14 @@ class Ranked:
 @torch.no_grad()
 def decode_beams(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
                  catalogue: Catalogue, beam: int, decoder: str = "diffusion",
-                 final_step: str = "global", fill_order: torch.Tensor | None = None) -> Beams:
+                 final_step: str = "global", fill_order: torch.Tensor | None = None,
+                 fill_digits: int = 1) -> Beams:
     """Beam search over codes for one batch of histories (CPD or AR)."""
     memory = model.encode(history, history_mask)
     if decoder == "autoregressive":
         return ar_beam_search(model, memory, catalogue, beam)
     if decoder == "diffusion":
-        return cpd(model, memory, catalogue, beam, final_step, fill_order)
+        return cpd(model, memory, catalogue, beam, final_step, fill_order, fill_digits)
     raise ValueError(f"model.decoder: {decoder!r} has no beam search")
 
 
@@ -395,12 +419,13 @@ def dense_top_items(model: DiffGRM, history: torch.Tensor, history_mask: torch.T
 def recommend_batch(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
                     catalogue: Catalogue, beam: int, k: int, decoder: str = "diffusion",
                     final_step: str = "global", fill_order: torch.Tensor | None = None,
-                    rules: tuple[str, ...] = ("code_prob",)) -> dict[str, Ranked]:
+                    rules: tuple[str, ...] = ("code_prob",), fill_digits: int = 1) -> dict[str, Ranked]:
     """Top-k items under each item rule in ``rules`` (one beam search serves them all)."""
     if decoder == "dense":
         ranked = dense_top_items(model, history, history_mask, catalogue.item_group, k)
         return {rule: ranked for rule in rules}
-    beams = decode_beams(model, history, history_mask, catalogue, beam, decoder, final_step, fill_order)
+    beams = decode_beams(model, history, history_mask, catalogue, beam, decoder, final_step, fill_order,
+                         fill_digits)
     return {rule: rank_items(beams, catalogue, k, rule) for rule in rules}
 
 

@@ -133,7 +133,8 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, An
     metrics.update({"split": cfg.eval.split, "users": len(queries), "beam": cfg.eval.beam_size,
                     "decoder": args["decoder"], "item_rule": cfg.eval.item_rule,
                     "final_step": cfg.eval.final_step,
-                    "fill_order": cfg.eval.fill_order, "actors": actors, "nodes": nodes,
+                    "fill_order": cfg.eval.fill_order, "fill_digits": cfg.eval.fill_digits,
+                    "actors": actors, "nodes": nodes,
                     "decode_s": round(decode_s, 3), "users_per_s": round(len(queries) / decode_s, 2)})
     write_rankings(out / "rankings.parquet", queries.users, result["items"][:, :cfg.eval.top_k],
                    result["scores"][:, :cfg.eval.top_k], prepare_dir)

@@ -12,7 +12,8 @@ The whole model in one file. Shapes: B users, L history slots, n digits, d model
   slots, cross-attention to the encoder output; logits of digit i are dot products with
   digit i's code table (tied weights).
 - Autoregressive decoder (TIGER-style baseline, ``decoder="autoregressive"``): the same
-  blocks with a causal mask over [BOS, digit 0, ..., digit n-2].
+  blocks with a causal mask over [BOS, digit 0, ..., digit n-2]; at inference one slot per
+  step against a cache of the earlier slots' keys/values (``autoregress_step``).
 - Dense head (SASRec-style baseline, ``decoder="dense"``): the encoder state of the most
   recent history slot against a learned embedding per item, a full softmax over the
   catalogue. It tells whether the encoder and the training loop learn at all.
@@ -114,6 +115,23 @@ class DecoderBlock(nn.Module):
         length group*n against that memory row, so keys/values are never copied per row."""
         h = self.ln1(x)
         x = x + self.drop(self.self_attn(h, self.self_attn.project_kv(h), causal=causal))
+        return self._cross_and_mlp(x, cross_kv, memory_mask, group)
+
+    def step(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+             cross_kv: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor,
+             group: int = 1) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Incremental causal form of ``forward``: x (R, 1, d) is each row's newest slot, and
+        ``past`` the self-attention keys/values of its earlier slots (None: the first).
+        Returns the slot's output and the keys/values extended by it (the KV cache)."""
+        h = self.ln1(x)
+        k, v = self.self_attn.project_kv(h)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        x = x + self.drop(self.self_attn(h, (k, v)))  # the newest slot sees every earlier one
+        return self._cross_and_mlp(x, cross_kv, memory_mask, group), (k, v)
+
+    def _cross_and_mlp(self, x: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor],
+                       memory_mask: torch.Tensor, group: int) -> torch.Tensor:
         rows, n, d = x.shape
         q = self.ln2(x).view(rows // group, group * n, d)
         x = x + self.drop(self.cross_attn(q, cross_kv, mask=memory_mask).view(rows, n, d))
@@ -235,6 +253,29 @@ class DiffGRM(nn.Module):
         for block, kv in zip(self.decoder, memory.kv):
             x = block(x, kv, memory.mask, causal=True, group=group)
         return self.stacked_logits(self.decoder_ln(x))
+
+    def autoregress_step(self, memory: Memory, prev: torch.Tensor | None, step: int,
+                         past: list[tuple[torch.Tensor, torch.Tensor]] | None
+                         ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """AR decoder with a KV cache: the slot of digit ``step`` only. ``prev`` (R,) is the
+        code of digit ``step - 1`` (None at step 0, where the slot is BOS), ``past`` each
+        layer's cached keys/values of slots 0..step-1. Returns (R, K_max) logits of digit
+        ``step`` (as ``autoregress(...)[:, step]``) and the extended cache; O(step) work
+        per slot instead of re-running the prefix."""
+        rows = memory.mask.shape[0] if prev is None else prev.shape[0]
+        group = rows // memory.mask.shape[0]
+        x = self.bos.expand(rows, 1, -1) if prev is None else self.codes(prev + self.offsets[step - 1])[:, None]
+        x = self.drop(x + self.digit_pos[step])
+        cache = []
+        for i, (block, kv) in enumerate(zip(self.decoder, memory.kv)):
+            x, layer_kv = block.step(x, None if past is None else past[i], kv, memory.mask, group)
+            cache.append(layer_kv)
+        h = self.decoder_ln(x[:, 0])
+        size, width = self.spec.sizes[step], max(self.spec.sizes)
+        logits = h @ self.code_table(step).T
+        if size < width:
+            logits = torch.cat([logits, logits.new_full((rows, width - size), float("-inf"))], dim=1)
+        return logits, cache
 
     def item_logits(self, memory: Memory) -> torch.Tensor:
         """Dense head: (B, items) logits of every catalogue item against its learned embedding."""

@@ -91,7 +91,7 @@ def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue
         history, mask = part.padded(sids, model.spec.max_history)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             ranked = recommend_batch(model, history.to(device), mask.to(device), catalogue, beam, k,
-                                     decoder, cfg.final_step, fill_order, rules)
+                                     decoder, cfg.final_step, fill_order, rules, cfg.fill_digits)
         main = ranked[cfg.item_rule]
         for key, value in (("items", main.items), ("scores", main.scores), ("groups", main.groups)):
             parts.setdefault(key, []).append(value)

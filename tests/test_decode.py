@@ -111,6 +111,92 @@ def test_ar_beam_search_with_a_huge_beam_equals_exhaustive_left_to_right(codes):
     np.testing.assert_allclose(scores[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_ar_step_with_kv_cache_equals_the_teacher_forced_decoder():
+    model = tiny_model(decoder_layers=3)
+    memory = memory_for(model, users=3)
+    codes = torch.randint(0, 8, (3, 3), generator=torch.Generator().manual_seed(1))
+    full = model.autoregress(memory, codes[:, :2])
+    past, prev = None, None
+    for step in range(3):
+        logits, past = model.autoregress_step(memory, prev, step, past)
+        torch.testing.assert_close(logits, full[:, step], rtol=1e-5, atol=1e-5)
+        prev = codes[:, step]
+
+
+@pytest.mark.parametrize("beam", [1, 5, 32, 100_000])
+def test_ar_beam_search_with_kv_cache_equals_re_running_the_prefix(codes, beam):
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    memory = memory_for(model, users=4)
+    cached = ar_beam_search(model, memory, cat, beam=beam)
+    rerun = ar_beam_search(model, memory, cat, beam=beam, kv_cache=False)
+    torch.testing.assert_close(cached.scores, rerun.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached.codes, rerun.codes) and torch.equal(cached.groups, rerun.groups)
+
+
+def test_ar_kv_cache_handles_digits_of_different_sizes():
+    sizes = (8, 8, 3)  # an extra digit smaller than the others
+    torch.manual_seed(0)
+    model = DiffGRM(ModelConfig(d_model=32, heads=2, ffn=64, decoder_layers=2, dropout=0.0),
+                    SidSpec(sizes, 6)).eval()
+    rng = np.random.default_rng(1)
+    codes = np.unique(np.stack([rng.integers(0, 8, 30), rng.integers(0, 8, 30), rng.integers(0, 3, 30)], 1), axis=0)
+    cat = Catalogue(codes, sizes)
+    history = torch.from_numpy(codes[rng.integers(0, len(codes), (3, 6))])  # (3 users, 6 slots, 3 digits)
+    memory = model.encode(history, torch.ones(3, 6, dtype=torch.bool))
+    cached, rerun = (ar_beam_search(model, memory, cat, beam=12, kv_cache=c) for c in (True, False))
+    torch.testing.assert_close(cached.scores, rerun.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached.codes, rerun.codes)
+
+
+def test_cpd_one_digit_per_pass_is_the_default(codes):
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    memory = memory_for(model)
+    a, b = cpd(model, memory, cat, beam=16), cpd(model, memory, cat, beam=16, fill_digits=1)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_multi_digit_fill_with_a_huge_beam_equals_exhaustive_scoring(codes, m):
+    """Filling m digits per pass: a code's score is, over every way of splitting the digits
+    into passes of m (the last may be shorter), the best sum of each pass's log-probabilities
+    of the digits it fills, given the digits filled before it."""
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    memory = memory_for(model, users=2)
+    beams = cpd(model, memory, cat, beam=100_000, fill_digits=m)
+    groups, scores = distinct_sids(beams, len(codes))
+    n = 3
+    for user in range(2):
+        mem = memory.select(torch.tensor([user]))
+        best = {}
+        for code in codes.tolist():
+            for order in itertools.permutations(range(n)):
+                filled = torch.zeros(1, n, dtype=torch.bool)
+                total = 0.0
+                for start in range(0, n, m):
+                    logp = torch.log_softmax(model.denoise(mem, torch.tensor([code]), ~filled), -1)
+                    for digit in order[start:start + m]:
+                        total += logp[0, digit, code[digit]].item()
+                        filled[0, digit] = True
+                best[tuple(code)] = max(best.get(tuple(code), -np.inf), total)
+        expected = sorted(best.items(), key=lambda kv: -kv[1])
+        got_codes = [tuple(codes[cat.item_list[cat.item_offsets[g]]].tolist()) for g in groups[user]]
+        np.testing.assert_allclose(scores[user], [v for _, v in expected], rtol=1e-4, atol=1e-4)
+        assert set(got_codes) == set(c for c, _ in expected)
+
+
+@pytest.mark.parametrize("m, passes", [(1, 3), (2, 2), (3, 1), (8, 1)])
+def test_multi_digit_fill_runs_ceil_n_over_m_decoder_passes(codes, m, passes, monkeypatch):
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    calls = []
+    real = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda *a: calls.append(1) or real(*a))
+    beams = cpd(model, memory_for(model), cat, beam=16, fill_digits=m)
+    assert len(calls) == passes
+    existing = set(map(tuple, codes.tolist()))
+    assert all(tuple(c) in existing for c in beams.codes[beams.groups >= 0].tolist())
+    assert (beams.scores[:, 1:] <= beams.scores[:, :-1]).all()
+
+
 def test_top_items_expands_collisions_in_rank_order():
     codes = np.array([[0, 0, 1], [1, 1, 1], [0, 0, 1], [2, 2, 2]])
     cat = Catalogue(codes, SIZES, collision_rank=np.array([0, 0, 1, 0]))
