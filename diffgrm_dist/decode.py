@@ -140,36 +140,32 @@ class Catalogue:
             else:
                 hashed.append(np.unique(self.pattern_key(s, index)))
         self.bitset = np.packbits(bits, bitorder="little") if len(bits) else np.zeros(1, np.uint8)
-        # Full codes: group id -> items (CSR), items in collision-rank order.
         full_index = codes @ self.subset_strides[full]
-        rank = collision_rank if collision_rank is not None else np.zeros(len(codes), np.int64)
-        order = np.lexsort((np.arange(len(codes)), rank, full_index))
-        unique_full, starts = np.unique(full_index[order], return_index=True)
-        self.item_offsets = np.append(starts, len(order)).astype(np.int64)
-        self.item_list = order.astype(np.int64)
-        self.num_codes = len(unique_full)
-        self.item_logp = self._item_log_prior(train_count)
-        self.item_group = np.empty(len(self.item_list), dtype=np.int64)  # each item's code group
-        self.item_group[self.item_list] = np.repeat(np.arange(self.num_codes), np.diff(self.item_offsets))
+        _, group = np.unique(full_index, return_inverse=True)  # group ids in code order
+        self.items = ItemGroups(group, collision_rank, train_count)
+        unique_full = np.unique(full_index)
         partial = np.concatenate(hashed) if hashed else np.zeros(0, np.int64)
         self.table = KeyTable(np.concatenate([partial, self.pattern_key(full, unique_full)]),
                               np.concatenate([np.full(len(partial), -2, np.int64),
                                               np.arange(len(unique_full), dtype=np.int64)]))
         self._t: dict[str, dict[str, torch.Tensor]] = {}
 
-    @classmethod
-    def from_sids(cls, sids: SidTable) -> Catalogue:
-        return cls(sids.codes, sids.sizes, sids.collision_rank, sids.train_count)
+    def __getattr__(self, name: str):  # item_offsets, item_list, item_logp, item_group, num_codes
+        if name in ItemGroups.FIELDS:
+            return getattr(self.__dict__["items"], name)
+        raise AttributeError(name)
 
-    def _item_log_prior(self, train_count: np.ndarray | None) -> np.ndarray:
-        """log p(item | its code) for ``item_list``, from training counts smoothed as
-        (count + 1) / (code total + items in the code): an item alone in its code gets
-        log 1 = 0, and without counts the items of a code share it uniformly."""
-        per_code = np.diff(self.item_offsets)
-        counts = (np.zeros(len(self.item_list)) if train_count is None
-                  else np.asarray(train_count, dtype=np.float64)[self.item_list])
-        totals = np.add.reduceat(counts, self.item_offsets[:-1]) if len(counts) else counts
-        return (np.log(counts + 1.0) - np.repeat(np.log(totals + per_code), per_code)).astype(np.float32)
+    def state_key(self, codes: torch.Tensor, filled: torch.Tensor, beam: torch.Tensor,
+                  digit: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """Identity of the state (filled digits and their codes) each candidate leads to:
+        candidate (beam, digit, code) of beams ``codes``/``filled`` (U, W, n)."""
+        t = self.tensors(codes.device)
+        full = t["subset_strides"][-1]
+        parent_codes = codes.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
+        parent_filled = filled.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
+        index = (parent_codes * parent_filled.long() * full).sum(-1) + code * full[digit]
+        subset = self.subset_of(parent_filled) | t["bits"][digit]
+        return self.pattern_key(subset, index)
 
     def pattern_key(self, subset, index):
         """One int64 naming a pattern: its subset bitmask and its within-subset index."""
@@ -233,8 +229,175 @@ class Catalogue:
 
     @property
     def nbytes(self) -> int:
-        return (self.table.nbytes + self.bitset.nbytes + self.item_offsets.nbytes
-                + self.item_list.nbytes + self.item_logp.nbytes)
+        return self.table.nbytes + self.bitset.nbytes + self.items.nbytes
+
+
+class ItemGroups:
+    """Items grouped by full code: group id -> items (CSR arrays, collision-rank order),
+    each item's group, and log p(item | its code)."""
+
+    FIELDS = ("item_offsets", "item_list", "item_logp", "item_group", "num_codes")
+
+    def __init__(self, group: np.ndarray, collision_rank: np.ndarray | None = None,
+                 train_count: np.ndarray | None = None) -> None:
+        group = np.asarray(group, dtype=np.int64)
+        rank = collision_rank if collision_rank is not None else np.zeros(len(group), np.int64)
+        order = np.lexsort((np.arange(len(group)), rank, group))
+        self.num_codes = int(group.max()) + 1 if len(group) else 0
+        starts = np.searchsorted(group[order], np.arange(self.num_codes))
+        self.item_offsets = np.append(starts, len(order)).astype(np.int64)
+        self.item_list = order.astype(np.int64)
+        self.item_group = group
+        self.item_logp = self._item_log_prior(train_count)
+
+    def _item_log_prior(self, train_count: np.ndarray | None) -> np.ndarray:
+        """log p(item | its code) for ``item_list``, from training counts smoothed as
+        (count + 1) / (code total + items in the code): an item alone in its code gets
+        log 1 = 0, and without counts the items of a code share it uniformly."""
+        per_code = np.diff(self.item_offsets)
+        counts = (np.zeros(len(self.item_list)) if train_count is None
+                  else np.asarray(train_count, dtype=np.float64)[self.item_list])
+        totals = np.add.reduceat(counts, self.item_offsets[:-1]) if len(counts) else counts
+        return (np.log(counts + 1.0) - np.repeat(np.log(totals + per_code), per_code)).astype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.item_offsets.nbytes + self.item_list.nbytes + self.item_logp.nbytes + self.item_group.nbytes
+
+
+class LongCodeCatalogue:
+    """The catalogue index for long codes (n digits whose 2^n subsets, or whose code space,
+    the pattern tables of ``Catalogue`` cannot hold): same interface, exact answers.
+
+    A beam's candidates come from the items it still matches: the inverted list of one of
+    its filled (digit, code) pairs, the shortest, filtered by its other filled digits; the
+    codes those items have at each unfilled digit are the fills that keep the beam
+    reachable. Memory: the codes plus one inverted list per digit (O(items * n)); work per
+    beam: the list's length times n. States and full codes are named by 64-bit hashes
+    (full codes checked exactly after the look-up).
+    """
+
+    BLOCK = 1 << 24  # elements of a (beams x list x digits) block in ``candidates_exist``
+
+    def __init__(self, codes: np.ndarray, sizes: tuple[int, ...],
+                 collision_rank: np.ndarray | None = None, train_count: np.ndarray | None = None,
+                 seed: int = 0) -> None:
+        codes = np.asarray(codes, dtype=np.int64)
+        self.sizes = tuple(int(s) for s in sizes)
+        n = self.digits = len(self.sizes)
+        k = max(self.sizes)
+        # Groups numbered as Catalogue numbers them (digit 0 varies fastest).
+        unique, group = np.unique(codes[:, ::-1], axis=0, return_inverse=True)
+        unique = np.ascontiguousarray(unique[:, ::-1])
+        self.items = ItemGroups(group.reshape(-1), collision_rank, train_count)
+        self.codes = unique  # one row per code group
+        # Inverted lists over code groups: postings of (digit d, code c) at
+        # post_offsets[d * k + c] : post_offsets[d * k + c + 1].
+        keys = (np.arange(n) * k)[None, :] + unique  # (groups, n)
+        flat = keys.T.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        self.postings = np.tile(np.arange(len(unique)), n)[order]
+        self.post_offsets = np.searchsorted(flat[order], np.arange(n * k + 1)).astype(np.int64)
+        self.occurs = (np.diff(self.post_offsets) > 0).reshape(n, k)
+        rng = np.random.default_rng(seed)
+        self.mult = (rng.integers(1, 2 ** 62, n, dtype=np.int64) | 1)  # odd 64-bit multipliers
+        hashes = self._hash_np(unique)
+        if len(np.unique(hashes)) != len(hashes):
+            raise ValueError("64-bit hashes of two codes coincide; build with another seed")
+        self.table = KeyTable(hashes, np.arange(len(unique), dtype=np.int64))
+        self._t: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __getattr__(self, name: str):
+        if name in ItemGroups.FIELDS:
+            return getattr(self.__dict__["items"], name)
+        raise AttributeError(name)
+
+    def _hash_np(self, codes: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return ((codes + 1) * self.mult).sum(-1) & np.int64(2 ** 62 - 1)
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        key = str(device)
+        if key not in self._t:
+            self._t[key] = {name: torch.from_numpy(getattr(self, name)).to(device)
+                            for name in ("codes", "postings", "post_offsets", "occurs", "mult")}
+            self._t[key]["sizes"] = torch.tensor(self.sizes, device=device)
+        return self._t[key]
+
+    def _hash(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        t = self.tensors(codes.device)
+        return ((codes + 1) * filled.long() * t["mult"]).sum(-1) & (2 ** 62 - 1)  # int64 wraps
+
+    def groups_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code group of full codes (..., n); -1 where no item has the code."""
+        t = self.tensors(codes.device)
+        group = self.table.lookup(self._hash(codes, torch.ones_like(codes, dtype=torch.bool)))
+        same = (t["codes"][group.clamp(min=0)] == codes).all(-1)
+        return torch.where((group >= 0) & same, group, torch.full_like(group, -1))
+
+    def state_key(self, codes: torch.Tensor, filled: torch.Tensor, beam: torch.Tensor,
+                  digit: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """64-bit hash of the state each candidate (beam, digit, code) leads to."""
+        t = self.tensors(codes.device)
+        parent_codes = codes.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
+        parent_filled = filled.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
+        return (self._hash(parent_codes, parent_filled) + (code + 1) * t["mult"][digit]) & (2 ** 62 - 1)
+
+    def candidates_exist(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """For beams (..., n) with ``filled`` digits: (..., n, K) whether filling digit j with
+        code c leaves some item the beam matches (False where j is filled or c out of range)."""
+        t = self.tensors(codes.device)
+        n, k = self.digits, max(self.sizes)
+        shape = codes.shape[:-1]
+        codes, filled = codes.reshape(-1, n), filled.reshape(-1, n)
+        exists = t["occurs"].expand(len(codes), n, k).clone()  # beams with nothing filled
+        some = filled.any(-1).nonzero().squeeze(1)
+        if len(some):
+            key = torch.arange(n, device=codes.device) * k + codes[some]  # (R, n)
+            length = torch.where(filled[some], t["post_offsets"][key + 1] - t["post_offsets"][key],
+                                 torch.full_like(key, torch.iinfo(torch.int64).max))
+            shortest, pick = length.min(-1)
+            start = t["post_offsets"][key.gather(1, pick[:, None]).squeeze(1)]
+            cap = max(1, int(shortest.max()))
+            rows = max(1, self.BLOCK // (cap * n))
+            for lo in range(0, len(some), rows):
+                hi = min(lo + rows, len(some))
+                span = torch.arange(cap, device=codes.device)
+                valid = span < shortest[lo:hi, None]
+                groups = t["postings"][(start[lo:hi, None] + span).clamp(max=len(self.postings) - 1)]
+                item_codes = t["codes"][groups]  # (r, cap, n)
+                beam_codes, beam_filled = codes[some[lo:hi]], filled[some[lo:hi]]
+                match = valid & ((item_codes == beam_codes[:, None]) | ~beam_filled[:, None]).all(-1)
+                found = torch.zeros(hi - lo, n * k, dtype=torch.bool, device=codes.device)
+                slot = torch.arange(n, device=codes.device) * k + item_codes  # (r, cap, n)
+                hit = match[..., None].expand_as(slot)
+                beam_row = torch.arange(hi - lo, device=codes.device)[:, None, None].expand_as(slot)
+                found[beam_row[hit], slot[hit]] = True
+                exists[some[lo:hi]] = found.view(-1, n, k)
+        code = torch.arange(k, device=codes.device)
+        exists &= ~filled[..., None] & (code < t["sizes"][:, None])
+        return exists.view(*shape, n, k)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.codes.nbytes + self.postings.nbytes + self.post_offsets.nbytes + self.table.nbytes
+                + self.items.nbytes)
+
+
+CatalogueIndex = Catalogue | LongCodeCatalogue
+
+
+def build_catalogue(codes: np.ndarray, sizes: tuple[int, ...], collision_rank: np.ndarray | None = None,
+                    train_count: np.ndarray | None = None) -> CatalogueIndex:
+    """The pattern-table index where its 2^n subsets and code space fit (n <= 8 digits,
+    code space < 2^56), else the inverted-list index for long codes."""
+    if len(sizes) <= 8 and float(np.prod([float(s) for s in sizes])) < 2.0 ** 56:
+        return Catalogue(codes, sizes, collision_rank, train_count)
+    return LongCodeCatalogue(codes, sizes, collision_rank, train_count)
+
+
+def catalogue_for(sids: SidTable) -> CatalogueIndex:
+    return build_catalogue(sids.codes, sids.sizes, sids.collision_rank, sids.train_count)
 
 
 # --------------------------------------------------------------------------- CPD
@@ -250,7 +413,7 @@ class Beams:
 
 
 @torch.no_grad()
-def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
+def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
         final_step: str = "global", fill_order: torch.Tensor | None = None,
         fill_digits: int = 1) -> Beams:
     """Confidence-guided Parallel Denoising.
@@ -297,7 +460,7 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
                 take = min(beam * (fills + 1), width * n * k)
                 cand_scores, idx = total.view(users, -1).topk(take, dim=-1)
                 pick_beam, flat = idx // (n * k), idx % (n * k)
-                key = _state_key(catalogue, codes, filled, pick_beam, flat // k, flat % k)
+                key = catalogue.state_key(codes, filled, pick_beam, flat // k, flat % k)
                 cand_scores = _drop_repeats(key, cand_scores)
                 new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
                 pick_beam, flat = pick_beam.gather(1, keep), flat.gather(1, keep)
@@ -318,18 +481,6 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
     return Beams(codes, scores, groups)
 
 
-def _state_key(catalogue: Catalogue, codes: torch.Tensor, filled: torch.Tensor, beam: torch.Tensor,
-               digit: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Identity of the state (filled digits and their codes) each candidate leads to."""
-    t = catalogue.tensors(codes.device)
-    full = t["subset_strides"][-1]
-    parent_codes = codes.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
-    parent_filled = filled.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
-    index = (parent_codes * parent_filled.long() * full).sum(-1) + code * full[digit]
-    subset = catalogue.subset_of(parent_filled) | t["bits"][digit]
-    return catalogue.pattern_key(subset, index)
-
-
 def _drop_repeats(key: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """-inf for every candidate whose state an earlier (higher-scored) candidate reaches:
     the same code in another fill order is one state, kept once with its best score."""
@@ -341,7 +492,7 @@ def _drop_repeats(key: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: Catalogue, beam: int,
+def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                    kv_cache: bool = True) -> Beams:
     """Left-to-right beam search of the autoregressive decoder, constrained to prefixes
     that exist (prefixes are partial patterns too). With ``kv_cache`` each step runs the
@@ -391,7 +542,7 @@ class Ranked:
 
 @torch.no_grad()
 def decode_beams(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
-                 catalogue: Catalogue, beam: int, decoder: str = "diffusion",
+                 catalogue: CatalogueIndex, beam: int, decoder: str = "diffusion",
                  final_step: str = "global", fill_order: torch.Tensor | None = None,
                  fill_digits: int = 1) -> Beams:
     """Beam search over codes for one batch of histories (CPD or AR)."""
@@ -417,7 +568,7 @@ def dense_top_items(model: DiffGRM, history: torch.Tensor, history_mask: torch.T
 
 @torch.no_grad()
 def recommend_batch(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
-                    catalogue: Catalogue, beam: int, k: int, decoder: str = "diffusion",
+                    catalogue: CatalogueIndex, beam: int, k: int, decoder: str = "diffusion",
                     final_step: str = "global", fill_order: torch.Tensor | None = None,
                     rules: tuple[str, ...] = ("code_prob",), fill_digits: int = 1) -> dict[str, Ranked]:
     """Top-k items under each item rule in ``rules`` (one beam search serves them all)."""
@@ -456,7 +607,7 @@ def distinct_sids(beams: Beams, k: int) -> tuple[np.ndarray, np.ndarray]:
     return first_distinct(beams.groups.cpu().numpy(), beams.scores.float().cpu().numpy(), k)
 
 
-def rank_items(beams: Beams, catalogue: Catalogue, k: int, rule: str = "code_prob") -> Ranked:
+def rank_items(beams: Beams, catalogue: CatalogueIndex, k: int, rule: str = "code_prob") -> Ranked:
     """Items ranked from the codes the beam search found.
 
     ``code_prob`` (default): every distinct code the beams reached (not only the first k)
@@ -474,7 +625,7 @@ def rank_items(beams: Beams, catalogue: Catalogue, k: int, rule: str = "code_pro
     return Ranked(items, scores, groups[:, :k])
 
 
-def top_items(groups: np.ndarray, scores: np.ndarray, catalogue: Catalogue, k: int,
+def top_items(groups: np.ndarray, scores: np.ndarray, catalogue: CatalogueIndex, k: int,
               with_prior: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Expands ranked SIDs (from ``distinct_sids``) to the top-k items per user (-1 = none).
 

@@ -30,7 +30,7 @@ import torch
 
 from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import EvalConfig, ExperimentConfig
-from diffgrm_dist.decode import Catalogue
+from diffgrm_dist.decode import catalogue_for
 from diffgrm_dist.errors import DataError
 from diffgrm_dist.export import load_exported
 from diffgrm_dist.ranking import Queries, rank_queries
@@ -52,7 +52,7 @@ class Ranker:
         # The run's spec, not a local path: on another node this pulls the trained model.
         self.model = load_exported(RunDir(run_dir).stage_path("train"), self.device)
         self.sids = torch.from_numpy(sids.codes.astype(np.int64))
-        self.catalogue = Catalogue.from_sids(sids)
+        self.catalogue = catalogue_for(sids)
         self.cfg, self.decoder = eval_cfg, decoder
         self.fill_order = (torch.from_numpy(np.random.default_rng(eval_cfg.seed).permutation(len(sids.sizes)))
                            if eval_cfg.fill_order == "random" else None)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from diffgrm_dist.config import EvalConfig
-from diffgrm_dist.decode import ITEM_RULES, Catalogue, recommend_batch
+from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, recommend_batch
 from diffgrm_dist.metrics import KS, item_and_sid_metrics
 from diffgrm_dist.model import DiffGRM
 from diffgrm_dist.ragged import left_pad_index
@@ -77,7 +77,7 @@ class Queries:
 
 
 @torch.no_grad()
-def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: Catalogue,
+def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: CatalogueIndex,
                  cfg: EvalConfig, beam: int, decoder: str, fill_order: torch.Tensor | None = None,
                  device: str = "cpu") -> dict[str, np.ndarray]:
     """Top-k items (under ``cfg.item_rule``), their scores and the top distinct SIDs per user;

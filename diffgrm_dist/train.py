@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import ExperimentConfig, ModelConfig
-from diffgrm_dist.decode import Catalogue
+from diffgrm_dist.decode import CatalogueIndex, catalogue_for
 from diffgrm_dist.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights, load_exported
 from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
@@ -280,7 +280,7 @@ class RayReporter:
 
 
 @torch.no_grad()
-def validate(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: Catalogue,
+def validate(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: CatalogueIndex,
              cfg: ExperimentConfig, beam: int) -> dict[str, float]:
     """Item- and SID-level Recall/NDCG@5/10 of this rank's users, summed over all ranks."""
     with no_dropout(model):
@@ -339,7 +339,7 @@ def train_worker(config: dict[str, Any]) -> None:
     train_set = ShardSet.load(shard_dir, "train")
     sid_table = load_sids(run_dir.stage_path("tokenize"))
     spec = SidSpec(train_set.digit_sizes, train_set.max_history, items=len(sid_table.codes))
-    catalogue, sids = Catalogue.from_sids(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))
+    catalogue, sids = catalogue_for(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))
     train_batches = training_batches(train_set, cfg, rank, world)
     valid_queries = validation_queries(run_dir.stage_path("prepare"), cfg, rank, world)
     engine, model, scheduler = build_engine(cfg, spec, world, len(train_batches) * cfg.train.epochs)

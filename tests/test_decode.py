@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffgrm_dist.config import ModelConfig
-from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
+from diffgrm_dist.decode import (Catalogue, LongCodeCatalogue, ar_beam_search, build_catalogue, cpd,
+                                 distinct_sids, top_items)
 from diffgrm_dist.metrics import per_user, popularity_ranking, selection_score
 from diffgrm_dist.model import DiffGRM, SidSpec
 
@@ -195,6 +196,46 @@ def test_multi_digit_fill_runs_ceil_n_over_m_decoder_passes(codes, m, passes, mo
     existing = set(map(tuple, codes.tolist()))
     assert all(tuple(c) in existing for c in beams.codes[beams.groups >= 0].tolist())
     assert (beams.scores[:, 1:] <= beams.scores[:, :-1]).all()
+
+
+def test_long_code_index_answers_as_the_pattern_tables(codes):
+    """The inverted-list index (for long codes) against the pattern-table index, on beams
+    with every subset of digits filled."""
+    table, lists = Catalogue(codes, SIZES), LongCodeCatalogue(codes, SIZES)
+    rng = np.random.default_rng(3)
+    beams = torch.from_numpy(np.concatenate([codes[rng.integers(0, len(codes), 40)],
+                                             rng.integers(0, 8, (40, 3))]))
+    for s in range(8):
+        filled = torch.tensor([bool(s >> d & 1) for d in range(3)]).expand(len(beams), 3)
+        assert torch.equal(table.candidates_exist(beams, filled), lists.candidates_exist(beams, filled)), s
+    assert torch.equal(table.groups_of(beams), lists.groups_of(beams))
+    np.testing.assert_array_equal(table.item_list, lists.item_list)
+    model, memory = tiny_model(), memory_for(tiny_model())
+    for decode in (lambda c: cpd(model, memory, c, beam=16), lambda c: ar_beam_search(model, memory, c, beam=16)):
+        a, b = decode(table), decode(lists)
+        torch.testing.assert_close(a.scores, b.scores)
+        assert torch.equal(a.groups, b.groups)
+
+
+def test_cpd_decodes_32_digit_codes_to_existing_items():
+    sizes = (16,) * 32
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (500, 32))
+    catalogue = build_catalogue(codes, sizes)
+    assert isinstance(catalogue, LongCodeCatalogue)
+    torch.manual_seed(0)
+    model = DiffGRM(ModelConfig(d_model=32, heads=2, ffn=64, decoder_layers=1, dropout=0.0),
+                    SidSpec(sizes, 6)).eval()
+    history = torch.from_numpy(codes[rng.integers(0, 500, (3, 6))])
+    memory = model.encode(history, torch.ones(3, 6, dtype=torch.bool))
+    existing = set(map(tuple, codes.tolist()))
+    for m in (1, 4, 32):
+        beams = cpd(model, memory, catalogue, beam=8, fill_digits=m)
+        live = torch.isfinite(beams.scores)
+        assert live[:, 0].all() and torch.equal(live, beams.groups >= 0)  # finished beams are real codes
+        assert all(tuple(c) in existing for c in beams.codes[live].tolist())
+    beams = ar_beam_search(model, memory, catalogue, beam=8)
+    assert (beams.groups >= 0).all()  # left to right, 8 distinct prefixes stay 8 distinct codes
 
 
 def test_top_items_expands_collisions_in_rank_order():
