@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="assign SIDs to new items (JSONL/Parquet with item_id and text "
                                 "or the template's fields) with the saved quantiser")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p = sub.add_parser("stress", help="decoder / training scalability grid over the Ray cluster")
+    p.add_argument("-c", "--config", required=True, help="stress grid YAML (configs/stress.yaml)")
+    p.add_argument("-o", "--out", required=True, help="output folder: stress.parquet, report.md, plots/")
+    p.add_argument("--verbose", action="store_true", help="libraries' own INFO logs")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p = sub.add_parser("submit", help="run a stage or the pipeline as a Ray Job on a cluster")
     p.add_argument("job_stage", metavar="STAGE", choices=[*PIPELINE, "pipeline"])
     p.add_argument("-c", "--config", required=True, help="config path, relative to the project")
@@ -130,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage in ("submit", "status", "stop"):
             return _jobs(args)
+        if args.stage == "stress":
+            from diffgrm_dist.stress import load_stress_config, run_stress
+
+            stats = run_stress(load_stress_config(args.config, args.overrides), Path(args.out))
+            _print_stats("stress", stats)
+            print(f"[stress] wrote {args.out}/stress.parquet, report.md, plots/")
+            return 0
         cfg = load_config(args.config, args.overrides)
         run_dir = RunDir(args.run_dir)
         if args.stage == "pipeline":

@@ -139,6 +139,9 @@ class TrainConfig:
     loader_workers: int = 2
     wandb_mode: str = "offline"  # offline | online | disabled
     seed: int = 0  # added to the top-level seed for training only (init, window order, noise)
+    # ZeRO-Offload: optimizer state (and its step) in CPU memory, stages 1-3. Where it lives,
+    # not what it computes, so not part of the stage hash.
+    offload_optimizer: bool = field(default=False, metadata={"hash": False})
     # Fault tolerance: how a run survives, not what it computes, so not part of the stage hash.
     max_failures: int = field(default=3, metadata={"hash": False})  # Ray Train restarts from the latest checkpoint
     collective_timeout_s: int = field(default=300, metadata={"hash": False})  # survivors of a dead rank give up
@@ -191,6 +194,8 @@ class ExperimentConfig:
             raise ConfigError("data.text_template: needs at least one segment")
         if self.prepare.max_history < 1 or self.prepare.min_history < 1:
             raise ConfigError("prepare.max_history and prepare.min_history must be >= 1")
+        if self.train.offload_optimizer and self.train.zero_stage == 0:
+            raise ConfigError("train.offload_optimizer: needs train.zero_stage 1, 2 or 3")
         if self.eval.fill_digits < 1:
             raise ConfigError(f"eval.fill_digits: must be >= 1, got {self.eval.fill_digits}")
         choices = {"model.decoder": (self.model.decoder, ("diffusion", "autoregressive", "dense")),
@@ -235,18 +240,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = ExperimentConfig()
     if path is not None:
         path = Path(path)
-        raw = _read_with_bases(path, seen=())
-        cfg = _build(ExperimentConfig, raw, prefix="", origin=str(path))
+        cfg = load_typed(ExperimentConfig, path)
         _resolve_paths(cfg, find_project_root(path.parent))
     for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        _apply_override(cfg, key.strip(), value)
-        if key.strip() == "data.path":
+        key = apply_override(cfg, item)
+        if key == "data.path":
             _resolve_paths(cfg, Path.cwd())
     cfg.validate()
     return cfg
+
+
+def load_typed(cls: type, path: str | Path) -> Any:
+    """Any config dataclass from a YAML file (with ``base:`` files), with the same type
+    checks as the experiment config (``diffgrm stress`` reads its grid this way)."""
+    path = Path(path)
+    return _build(cls, _read_with_bases(path, seen=()), prefix="", origin=str(path))
+
+
+def apply_override(cfg: Any, item: str) -> str:
+    """Applies one ``key.sub=value`` override to a config dataclass; returns the key."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    _apply_override(cfg, key.strip(), value)
+    return key.strip()
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -315,6 +332,11 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
             return None
         tp = next(a for a in args if a is not type(None))
         origin_tp = typing.get_origin(tp)
+    if origin_tp is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: {key!r} must be a mapping, got {value!r}")
+        return {_coerce(key_tp, k, key, origin): _coerce(value_tp, v, f"{key}.{k}", origin) for k, v in value.items()}
     if origin_tp is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -339,7 +361,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
     raise ConfigError(f"{origin}: {key!r} has unsupported type {tp!r}")
 
 
-def _apply_override(cfg: ExperimentConfig, key: str, value: str) -> None:
+def _apply_override(cfg: Any, key: str, value: str) -> None:
     parts = key.split(".")
     target: Any = cfg
     for i, part in enumerate(parts):

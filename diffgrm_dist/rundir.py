@@ -216,7 +216,7 @@ class RunDir:
                 try:
                     self.remote.download(stage, tmp)
                     wanted = (tmp / MANIFEST).read_bytes()
-                    _replace_dir(tmp, local)
+                    replace_dir(tmp, local)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
@@ -323,13 +323,13 @@ class RunDir:
                 self.remote.write_bytes(f"{record.stage}/{MANIFEST}", text.encode())
                 self._pulled[record.stage] = text.encode()
             (tmp / MANIFEST).write_text(text)
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
-def _replace_dir(new: Path, final: Path) -> None:
+def replace_dir(new: Path, final: Path) -> None:
     """Puts ``new`` in the place of ``final`` (which may exist) with renames only."""
     old = None
     if final.exists():

@@ -98,7 +98,9 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, total_steps: int) -> dic
             "total_num_steps": max(total_steps, t.warmup_steps + 1),
             "warmup_num_steps": t.warmup_steps, "warmup_min_ratio": 0.0,
             "cos_min_ratio": 0.0, "warmup_type": "linear"}},
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": t.zero_stage, **({"offload_optimizer": {"device": "cpu"}}
+                                                         if t.offload_optimizer else {})},
+        "zero_force_ds_cpu_optimizer": False,  # offload with the torch AdamW: no compiled CPU Adam
         "bf16": {"enabled": t.bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,

@@ -48,6 +48,8 @@
 # DIFFGRM_RAY_TMP, DIFFGRM_RAY_OBJECT_STORE_BYTES (per node, default 256 MiB),
 # DIFFGRM_RAY_AUTH (disabled | token, default disabled).
 set -euo pipefail
+# A driver in this shell may have set single-host mode (raycluster.ray_session does); two nodes need it off.
+unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
 
 PROJECT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RAY="${RAY:-$PROJECT/.venv/bin/ray}"

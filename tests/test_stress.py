@@ -1,0 +1,137 @@
+"""`diffgrm stress`: a tiny grid on a local Ray instance (every point a real Ray task, real
+DeepSpeed steps, real limits), its validation, and the grid spread over a real two-node
+cluster (marked `cluster`)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import CONFIGS, ROOT
+from diffgrm_dist.errors import ConfigError
+from diffgrm_dist.stress import expand, load_stress_config
+
+VENV_BIN = Path(sys.executable).parent
+TINY = {
+    "name": "tiny", "users": 8, "history": 8, "train_steps": 2,
+    "limits": {"timeout_s": 180, "memory_gib": 4},
+    "sweeps": [
+        {"name": "beam", "kind": "decode", "decode": {"items": 2000, "d_model": 32, "decoder_layers": 1,
+                                                       "users_per_batch": 4},
+         "vary": {"beam": [4, 16], "decoder": ["diffusion", "autoregressive"]}},
+        {"name": "starved", "kind": "decode", "memory_gib": 0.05, "decode": {"items": 2000, "d_model": 32}},
+        {"name": "slow", "kind": "decode", "timeout_s": 0.5, "decode": {"items": 2000, "d_model": 32}},
+        {"name": "zero", "kind": "train", "train": {"d_model": 32, "decoder_layers": 1, "batch_size": 8},
+         "vary": {"zero_stage": [0, 3]}},
+        {"name": "largest", "kind": "largest", "memory_gib": 1.5, "train": {"d_model": 512, "batch_size": 4},
+         "search": "decoder_layers", "search_start": 2, "search_max": 1024, "search_step": 2},
+    ],
+}
+
+
+def write_grid(tmp_path: Path, grid: dict) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_stress_grid_measures_records_limits_and_fits_growth(tmp_path, run_cli):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("stress", "-c", write_grid(tmp_path, TINY), "-o", out)
+    assert code == 0, stderr
+    table = pd.read_parquet(out / "stress.parquet")
+    by_sweep = {name: rows for name, rows in table.groupby("sweep")}
+    beam = by_sweep["beam"]
+    assert len(beam) == 4 and (beam["status"] == "ok").all() and (beam["users_per_s"] > 0).all()
+    assert (beam["distinct_codes_per_user"] <= beam["beam"]).all() and (beam["distinct_codes_per_user"] >= 1).all()
+    # Over a limit: killed, recorded with the limit it hit, and the sweep went on.
+    starved, slow = by_sweep["starved"].iloc[0], by_sweep["slow"].iloc[0]
+    assert starved["status"] == "oom" and "memory_gib=0.05" in starved["limit"]
+    assert slow["status"] == "timeout" and "timeout_s=0.5" in slow["limit"]
+    zero = by_sweep["zero"]
+    assert (zero["status"] == "ok").all() and (zero["samples_per_s"] > 0).all()
+    assert zero["parameters"].nunique() == 1  # ZeRO-3 partitions the weights; the count is the model's
+    # The search grew the decoder until it no longer fit, then closed in (64 MiB of weights
+    # and optimizer state a layer: sampled RSS noise cannot reorder sizes 2 layers apart).
+    largest = by_sweep["largest"]
+    fits, fails = largest[largest["status"] == "ok"], largest[largest["status"] == "oom"]
+    assert len(fits) >= 2 and len(fails) >= 1 and len(largest) == len(fits) + len(fails)
+    assert 0 < fails["decoder_layers"].min() - fits["decoder_layers"].max() <= 2
+    assert table["node_id"].str.len().gt(0).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stats"]["points"] == len(table) and manifest["stats"]["oom"] >= 2
+    beam_fits = [f for f in manifest["fits"] if f["sweep"] == "beam" and f["axis"] == "beam"]
+    assert {f["group"]["decoder"] for f in beam_fits} == {"diffusion", "autoregressive"}
+    assert all(0.0 < f["exponent"] < 3.0 for f in beam_fits)  # cost grows with the beam
+    report = (out / "report.md").read_text()
+    assert "## Growth exponents" in report and "## Largest model" in report and "oom (memory_gib=0.05" in report
+    assert (out / "plots" / "beam.png").stat().st_size > 0 and (out / "plots" / "zero.png").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]  # published by rename
+
+
+def test_stress_config_errors_name_the_sweep_and_field(tmp_path):
+    bad_axis = {**TINY, "sweeps": [{"name": "b", "kind": "decode", "vary": {"beams": [4]}}]}
+    with pytest.raises(ConfigError, match=r"sweeps.b.vary: 'beams' is not an axis"):
+        load_stress_config(write_grid(tmp_path, bad_axis))
+    offload = {**TINY, "sweeps": [{"name": "o", "kind": "train", "train": {"offload": True, "zero_stage": 0}}]}
+    with pytest.raises(ConfigError, match="sweeps.o: offload needs zero_stage 1-3"):
+        load_stress_config(write_grid(tmp_path, offload))
+    decoder = {**TINY, "sweeps": [{"name": "d", "kind": "decode", "vary": {"decoder": ["dense"]}}]}
+    with pytest.raises(ConfigError, match="sweeps.d.decoder: 'dense'"):
+        load_stress_config(write_grid(tmp_path, decoder))
+    with pytest.raises(ConfigError, match="distinct name"):
+        load_stress_config(write_grid(tmp_path, {**TINY, "sweeps": [TINY["sweeps"][0]] * 2}))
+
+
+@pytest.mark.parametrize("path", [CONFIGS / "stress.yaml", *sorted((CONFIGS / "stress").glob("*.yaml"))],
+                         ids=lambda p: p.name)
+def test_shipped_stress_grids_load(path):
+    cfg = load_stress_config(path)
+    points = [p for sweep in cfg.sweeps for p in expand(sweep)]
+    assert points and all(p.d_model > 0 for p in points)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_stress_grid_spreads_over_both_nodes_of_a_local_cluster(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="dgs-", dir="/tmp")  # short: Ray's socket paths
+    port = free_port()
+    env = {**os.environ, "DIFFGRM_RAY_TMP": ray_tmp, "DIFFGRM_RAY_PORT": str(port),
+           "DIFFGRM_DASHBOARD_PORT": str(free_port()), "RAY": str(VENV_BIN / "ray"),
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # single-host mode, set by in-process Ray sessions
+    script = str(ROOT / "tools" / "local_cluster.sh")
+    started = subprocess.run(["bash", script, "start"], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=180)
+    grid = {"name": "spread", "users": 4, "history": 4, "limits": {"timeout_s": 180, "memory_gib": 4},
+            "sweeps": [{"name": "beam", "kind": "decode",
+                        "decode": {"items": 1000, "d_model": 32, "decoder_layers": 1, "users_per_batch": 4},
+                        "vary": {"beam": [2, 4, 8, 16, 32, 64]}}]}
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        run = subprocess.run([str(VENV_BIN / "diffgrm"), "stress", "-c", str(write_grid(tmp_path, grid)),
+                              "-o", str(tmp_path / "out")], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        table = pd.read_parquet(tmp_path / "out" / "stress.parquet")
+        assert (table["status"] == "ok").all() and len(table) == 6
+        assert table["node_id"].nunique() == 2  # 1 CPU a node, 1 CPU a point: the grid used both
+    finally:
+        stopped = subprocess.run(["bash", script, "stop"], env=env, cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120)
+        left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert left.stdout.strip() == "", f"processes left behind: {left.stdout}"
