@@ -152,18 +152,21 @@ class TrainConfig:
 class EvalConfig:
     """Confidence-guided Parallel Denoising and ranking metrics."""
 
-    beam_size: int = 128
+    # Fields marked test_only are read by the test evaluation, never by training's validation:
+    # changing them re-runs evaluate, not train (see ``validation_view``).
+    beam_size: int = field(default=128, metadata={"test_only": True})
     valid_beam_size: int = 32
     top_k: int = 10
     final_step: str = "global"  # global (paper) | greedy (released code)
-    fill_order: str = "confidence"  # confidence (CPD) | random (a fixed random order: ablation)
-    fill_digits: int = 1  # digits CPD fills per decoder pass (1: the paper's CPD; m: ceil(n/m) passes)
+    fill_order: str = field(default="confidence", metadata={"test_only": True})  # confidence (CPD) | random (ablation)
+    # Digits CPD fills per decoder pass at test time (1: the paper's CPD; m: ceil(n/m) passes).
+    fill_digits: int = field(default=1, metadata={"test_only": True})
     item_rule: str = "code_prob"  # code_prob: log p(code) + log p(item|code) | expand: code's items tied
     valid_users: int = 0  # per-epoch validation on this seeded sample of users; 0 = all
     autocast_bf16: bool = False  # bf16 autocast in decoding
-    split: str = "test"  # test | valid
-    launcher: str = "ray"  # ray (actor pool) | local (this process)
-    num_actors: int = 0  # 0: from the cluster's resources
+    split: str = field(default="test", metadata={"test_only": True})  # test | valid
+    launcher: str = field(default="ray", metadata={"test_only": True})  # ray (actor pool) | local (this process)
+    num_actors: int = field(default=0, metadata={"test_only": True})  # 0: from the cluster's resources
     batch_size: int = 256
     seed: int = 0
 
@@ -206,6 +209,13 @@ class ExperimentConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+
+
+def validation_view(eval_cfg: EvalConfig) -> dict[str, Any]:
+    """The eval fields training's per-epoch validation reads (all but the test_only ones):
+    what the train stage's hash covers of the eval section."""
+    return {f.name: getattr(eval_cfg, f.name) for f in dataclasses.fields(eval_cfg)
+            if not f.metadata.get("test_only") and f.metadata.get("hash", True)}
 
 
 def section_hash(*sections: Any) -> str:

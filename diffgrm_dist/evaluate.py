@@ -65,7 +65,7 @@ class Ranker:
     def rank(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
         return rank_queries(self.model, queries, self.sids, self.catalogue, self.cfg, beam,
-                            self.decoder, self.fill_order, self.device)
+                            self.decoder, self.fill_order, self.device, self.cfg.fill_digits)
 
 
 def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: ExperimentConfig,

@@ -79,10 +79,11 @@ class Queries:
 @torch.no_grad()
 def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: CatalogueIndex,
                  cfg: EvalConfig, beam: int, decoder: str, fill_order: torch.Tensor | None = None,
-                 device: str = "cpu") -> dict[str, np.ndarray]:
+                 device: str = "cpu", fill_digits: int = 1) -> dict[str, np.ndarray]:
     """Top-k items (under ``cfg.item_rule``), their scores and the top distinct SIDs per user;
     with targets, per-user metric values keyed ``item/…`` (the configured rule), ``sid/…``,
-    and ``item.<rule>/…`` for every item rule (one beam search serves them all)."""
+    and ``item.<rule>/…`` for every item rule (one beam search serves them all). ``fill_order``
+    and ``fill_digits`` are test-time decoding options (training validates without them)."""
     k = max(cfg.top_k, max(KS))
     rules = (cfg.item_rule,) if decoder == "dense" else ITEM_RULES
     parts: dict[str, list[np.ndarray]] = {}
@@ -91,7 +92,7 @@ def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue
         history, mask = part.padded(sids, model.spec.max_history)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             ranked = recommend_batch(model, history.to(device), mask.to(device), catalogue, beam, k,
-                                     decoder, cfg.final_step, fill_order, rules, cfg.fill_digits)
+                                     decoder, cfg.final_step, fill_order, rules, fill_digits)
         main = ranked[cfg.item_rule]
         for key, value in (("items", main.items), ("scores", main.scores), ("groups", main.groups)):
             parts.setdefault(key, []).append(value)

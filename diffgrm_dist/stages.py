@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffgrm_dist.config import ExperimentConfig, section_hash, to_dict
+from diffgrm_dist.config import ExperimentConfig, section_hash, to_dict, validation_view
 from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,9 @@ PIPELINE = tuple(STAGES)
 
 def stage_record(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir) -> StageRecord:
     """Config hash of the stage's sections; input hashes of raw files and upstream manifests."""
-    sections = [getattr(cfg, s) for s in stage.sections]
+    # Training validates with part of the eval section: only that part decides whether it re-runs.
+    sections = [validation_view(cfg.eval) if stage.name == "train" and s == "eval" else getattr(cfg, s)
+                for s in stage.sections]
     inputs: dict[str, str] = {}
     if stage.name == "prepare":
         from diffgrm_dist.readers import source_files

@@ -3,6 +3,7 @@ across runs, and the table built from result files (the runs themselves never ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -45,6 +46,37 @@ def test_every_variant_is_a_valid_config_on_its_datasets():
     assert len(set(names)) == len(names) and set(reproduce.SEEDS) <= set(names)
     paired = {v.paired_with for v in reproduce.VARIANTS if v.paired_with}
     assert paired <= set(names)
+
+
+def test_evaluation_only_variants_change_only_what_training_never_reads():
+    """A paired variant reuses its partner's trained model, so it may change only test-time
+    eval fields: the train stage's view of the config must be the partner's."""
+    from diffgrm_dist.config import EvalConfig, validation_view
+
+    test_only = {f.name for f in dataclasses.fields(EvalConfig) if f.metadata.get("test_only")}
+    for variant in (v for v in reproduce.VARIANTS if v.paired_with):
+        changed = reproduce.eval_only_overrides(variant)
+        assert changed and all(o.startswith("eval.") and o.split("=")[0][5:] in test_only for o in changed)
+        partner = next(v for v in reproduce.VARIANTS if v.name == variant.paired_with)
+        for dataset in variant.datasets:
+            mine = load_config(reproduce.config_path(dataset), list(variant.overrides))
+            theirs = load_config(reproduce.config_path(dataset), list(partner.overrides))
+            assert (mine.model, mine.train, validation_view(mine.eval)) == \
+                (theirs.model, theirs.train, validation_view(theirs.eval))
+            assert mine.eval != theirs.eval
+
+
+def test_test_time_eval_settings_do_not_retrain(tiny_run):
+    """The train stage's hash covers what validation reads, not the test beam or the
+    test-time decoding options; those re-run evaluate only."""
+    run = RunDir(tiny_run)
+    base = load_config(CONFIGS / "tiny.yaml")
+    for override in ("eval.beam_size=7", "eval.fill_order=random", "eval.fill_digits=2", "eval.split=valid"):
+        changed = load_config(CONFIGS / "tiny.yaml", [override])
+        assert stage_record(STAGES["train"], changed, run) == stage_record(STAGES["train"], base, run), override
+        assert section_hash(changed.eval) != section_hash(base.eval), override  # evaluate re-runs
+    validation = load_config(CONFIGS / "tiny.yaml", ["eval.valid_beam_size=3"])
+    assert stage_record(STAGES["train"], validation, run) != stage_record(STAGES["train"], base, run)
 
 
 def test_a_run_adopts_the_stages_another_run_holds_for_the_same_config(tiny_run, tmp_path):

@@ -5,7 +5,8 @@ Every (dataset, variant) pair runs the whole pipeline on ``configs/cpu/<dataset>
 plus the variant's overrides, in its own run directory ``--work/<dataset>/<variant>``.
 Variants of one dataset share the embedding cache, and every stage another run of that
 dataset already holds for the same config and inputs (tokenize, shards, a trained model:
-the stage manifests decide). A pair whose ``results/cpu/<dataset>/<variant>.json`` exists
+the stage manifests decide); an evaluation-only variant (``paired_with``) runs ``diffgrm
+evaluate`` on a copy of its paired run. A pair whose ``results/cpu/<dataset>/<variant>.json`` exists
 is skipped, so the command resumes where it stopped. ``results/README.md`` (the table,
 next to the paper's numbers) and ``results/cpu/ndcg10.png`` are regenerated from all
 result files at the end of every run, or alone with ``--table-only``.
@@ -48,7 +49,7 @@ class Variant:
     what: str
     datasets: tuple[str, ...] = DATASETS
     paper: str = ""  # key into PAPER_ABLATIONS: the paper's NDCG@10 for this ablation
-    paired_with: str = ""  # the variant with the same trained model, for eval-only ablations
+    paired_with: str = ""  # evaluation only: the variant whose trained model (and stages) it reuses
 
 
 VARIANTS = (
@@ -64,6 +65,10 @@ VARIANTS = (
     Variant("random_fill", ("train.seed=1", "eval.fill_order=random"),
             "ablation: CPD -> a fixed random fill order (seed 1's model)", ("beauty",),
             paper="random_fill", paired_with="diffgrm_seed1"),
+    Variant("cpd_m2", ("eval.fill_digits=2",), "CPD filling 2 digits per decoder pass (2 passes, not 4)",
+            ("beauty",), paired_with="diffgrm"),
+    Variant("cpd_m4", ("eval.fill_digits=4",), "CPD filling all 4 digits from one decoder pass",
+            ("beauty",), paired_with="diffgrm"),
     Variant("diffgrm_seed2", ("train.seed=2",), "DiffGRM, training seed 2", ("beauty",)),
     Variant("random_masking", ("train.objective=random",), "ablation: random masking instead of OCN",
             ("beauty",), paper="random_masking"),
@@ -99,6 +104,27 @@ def config_path(dataset: str) -> Path:
     return ROOT / "configs" / "cpu" / f"{dataset}.yaml"
 
 
+def eval_only_overrides(variant: Variant) -> list[str]:
+    """What an evaluation-only variant changes over its paired variant: must be eval.* keys."""
+    paired = next(v for v in VARIANTS if v.name == variant.paired_with)
+    return [o for o in variant.overrides if o not in paired.overrides]
+
+
+def copy_stages(source: Path, run: Path, stages: tuple[str, ...]) -> list[str]:
+    """The paired run's finished stages, copied (not re-checked against this config: the
+    variant differs from it only in test-time evaluation settings)."""
+    import shutil
+
+    if not (source / "train" / "manifest.json").is_file():
+        raise SystemExit(f"{run.name}: needs the trained model of {source} (run that variant first)")
+    for stage in stages:
+        if not (run / stage).is_dir():
+            run.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source / stage, run / f".{stage}.copying", dirs_exist_ok=True)
+            (run / f".{stage}.copying").rename(run / stage)
+    return list(stages)
+
+
 def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
     """Runs one variant's pipeline (adopting what the dataset's other runs already hold)."""
     from diffgrm_dist.config import load_config, section_hash, to_dict
@@ -110,10 +136,15 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
     overrides = [f"tokenize.embedding_cache={home / 'embeddings'}", *variant.overrides]
     config = config_path(dataset)
     cfg = load_config(config, overrides)
-    donors = [RunDir(p) for p in sorted(home.iterdir()) if p.is_dir() and p != run and p.name != "embeddings"]
-    adopted = adopt_current_stages(cfg, RunDir(run), donors)
-    command = [str(Path(sys.executable).parent / "diffgrm"), "pipeline", "-c", str(config), "-o", str(run),
-               *overrides]
+    if variant.paired_with:  # evaluation only, on a copy of the paired run's stages
+        adopted = copy_stages(home / variant.paired_with, run, ("prepare", "tokenize", "shard", "train"))
+        command = [str(Path(sys.executable).parent / "diffgrm"), "evaluate", "-c", str(config), "-o", str(run),
+                   *overrides]
+    else:
+        donors = [RunDir(p) for p in sorted(home.iterdir()) if p.is_dir() and p != run and p.name != "embeddings"]
+        adopted = adopt_current_stages(cfg, RunDir(run), donors)
+        command = [str(Path(sys.executable).parent / "diffgrm"), "pipeline", "-c", str(config), "-o", str(run),
+                   *overrides]
     print(f"{dataset}/{variant.name}: running ({', '.join(adopted) or 'no stage'} adopted from earlier runs); "
           f"log in {home / variant.name}.log", flush=True)
     source = git_info(ROOT)  # the code the run starts from
