@@ -119,6 +119,7 @@ class StressConfig:
     users: int = 64  # users timed per decode point, after one warm-up batch
     history: int = 20  # history slots per user / window
     train_steps: int = 4  # timed steps per train point, after one warm-up step
+    local_cpus: int = 0  # CPUs of the local Ray instance when no cluster is named (0: all)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     sweeps: list[SweepConfig] = field(default_factory=list)
 
@@ -242,14 +243,15 @@ def measure_decode(point: DecodePoint, users: int, history: int, seed: int, thre
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     distinct = [batch(lo, min(lo + point.users_per_batch, users)) for lo in range(0, users, point.users_per_batch)]
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     passes = math.ceil(point.digits / point.fill_digits) if point.decoder == "diffusion" else point.digits
     batches = math.ceil(users / point.users_per_batch)
-    return {"users_per_s": users / seconds, "seconds": seconds, "decoder_passes": passes,
+    return {"users_per_s": users / seconds, "seconds": seconds, "cpu_s": cpu_s, "timed_users": users,
+            "decoder_passes": passes,
             "pass_latency_ms": 1000 * seconds / (batches * passes),
             "distinct_codes_per_user": float(np.mean(distinct)), "index_build_s": index_s,
             "index_mib": catalogue.nbytes / 2 ** 20, "parameters": model.num_parameters(),
@@ -319,16 +321,18 @@ def _train_rank(rank: int, point: TrainPoint, steps: int, history: int, seed: in
     if gpu:
         torch.cuda.synchronize()
     dist.barrier()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     losses = [step() for _ in range(steps)]
     if gpu:
         torch.cuda.synchronize()
-    dist.barrier()
+    cpu_all = torch.tensor([time.process_time() - start_cpu], dtype=torch.float64, device=device)
+    dist.all_reduce(cpu_all)  # CPU seconds of all ranks
     seconds = time.perf_counter() - start
     if rank == 0:
         Path(result).write_text(json.dumps({
             "samples_per_s": point.batch_size * steps / seconds, "seconds": seconds,
-            "step_ms": 1000 * seconds / steps, "loss": losses[-1], "parameters": _numel(model),
+            "timed_samples": point.batch_size * steps,
+            "step_ms": 1000 * seconds / steps, "cpu_s": float(cpu_all.item()), "loss": losses[-1], "parameters": _numel(model),
             "decoder_parameters": _numel(model.decoder),
             "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else 0.0,
             "device": str(device)}))
@@ -471,7 +475,7 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
     out = Path(out)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    with ray_session() as resources:
+    with ray_session(cfg.local_cpus or None) as resources:
         use_gpu = cfg.limits.gpus == "auto" and resources.gpus > 0
         remote = ray.remote(max_retries=0)(_task)
         pending: dict[Any, tuple[SweepConfig, dict[str, Any], _Search | None]] = {}
@@ -510,6 +514,10 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
                 if value is not None:
                     submit(sweep, dataclasses.replace(search.point, **{search.axis: value}), search)
     table = pd.DataFrame(rows)
+    if "timed_users" in table:
+        table["cpu_ms_per_user"] = 1000 * table["cpu_s"] / table["timed_users"]
+    if "timed_samples" in table:
+        table["cpu_ms_per_sample"] = 1000 * table["cpu_s"] / table["timed_samples"]
     table = table.sort_values(["sweep", *[c for c in ("decoder", "digits", "beam", "items", "d_model",
                                                          "decoder_layers", "zero_stage", "world_size",
                                                          "offload", "fill_digits", "dtype") if c in table]],
@@ -564,16 +572,22 @@ THEORY = {
     "autoregressive": {"beam": 1.0, "digits": 1.0, "d_model": 1.0, "items": 0.0, "decoder_layers": 1.0},
     "autoregressive_nocache": {"beam": 1.0, "digits": 2.0, "d_model": 1.0, "items": 0.0, "decoder_layers": 1.0},
 }
-TRAIN_THEORY = {"d_model": 2.0, "decoder_layers": 1.0, "digits": 1.0, "batch_size": 1.0, "world_size": 0.0}
+# Training cost per sample: FLOPs grow with d^2 and with layers; ranks split the samples
+# (ideal data parallelism: cost per sample of the whole job falls as 1/world, exponent 0 in
+# CPU seconds per sample, since every rank's CPU time is counted).
+TRAIN_THEORY = {"d_model": 2.0, "decoder_layers": 1.0, "digits": 1.0, "batch_size": 0.0, "world_size": 0.0}
 NUMERIC_AXES = ("beam", "digits", "items", "d_model", "decoder_layers", "users_per_batch", "codebook_size",
                 "batch_size", "world_size", "fill_digits")
 
 
 def _cost(row) -> float:
-    """Seconds per user (decode) or per sample (train): what the exponents are fitted to."""
-    if row["kind"] == "decode":
-        return 1.0 / row["users_per_s"]
-    return 1.0 / row["samples_per_s"]
+    """What the exponents are fitted to: CPU seconds per user (decode) or per sample (train)
+    for points that ran on CPU (robust to other load on a shared machine: time spent waiting
+    for a core is not counted), wall seconds on GPU."""
+    units = row["timed_users"] if row["kind"] == "decode" else row["timed_samples"]
+    if str(row.get("device", "cpu")).startswith("cpu") and row.get("cpu_s", 0) > 0:
+        return row["cpu_s"] / units
+    return row["seconds"] / units
 
 
 def growth_fits(cfg: StressConfig, table) -> list[dict[str, Any]]:
@@ -718,7 +732,9 @@ def report(cfg: StressConfig, table, fits: list[dict[str, Any]], plots: list[str
              "cost does not depend on them.", ""]
     if fits:
         lines += ["## Growth exponents", "",
-                  "Slope of log(cost) against log(axis), cost = seconds per user (decode) or per sample (train). "
+                  "Slope of log(cost) against log(axis), cost = CPU seconds (all threads and ranks; wall seconds "
+                  "on GPU) per user (decode) or per sample (train): waiting for a core on a shared machine is not "
+                  "counted. "
                   "Theory (decode, per user): CPD decoder work O(B * n^2 * d), AR with a KV cache O(B * n * d), "
                   "AR re-running its prefix O(B * n^2 * d); catalogue size 0 (O(1) look-ups). The d exponent "
                   "counts attention work; the MLP FLOPs grow with d^2, so expect 1-2 there.", "",
@@ -747,8 +763,8 @@ def report(cfg: StressConfig, table, fits: list[dict[str, Any]], plots: list[str
         if rows.empty:
             continue
         varied = list(sweep.vary) + ([sweep.search] if sweep.kind == "largest" else [])
-        metrics = (["users_per_s", "pass_latency_ms", "distinct_codes_per_user", "index_mib"]
-                   if sweep.kind == "decode" else ["samples_per_s", "step_ms", "parameters"])
+        metrics = (["users_per_s", "cpu_ms_per_user", "pass_latency_ms", "distinct_codes_per_user", "index_mib"]
+                   if sweep.kind == "decode" else ["samples_per_s", "cpu_ms_per_sample", "step_ms", "parameters"])
         lines += [f"## {sweep.name} ({sweep.kind})", "",
                   "| " + " | ".join([*varied, *metrics, "peak MiB", "status", "node"]) + " |",
                   "|" + "---|" * (len(varied) + len(metrics) + 3)]
