@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "or the template's fields) with the saved quantiser")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p = sub.add_parser("stress", help="decoder / training scalability grid over the Ray cluster")
-    p.add_argument("-c", "--config", required=True, help="stress grid YAML (configs/stress.yaml)")
+    p.add_argument("-c", "--config", help="stress grid YAML (configs/stress.yaml)")
+    p.add_argument("--merge", nargs="+", metavar="OUTPUT",
+                   help="instead of running a grid: one report over these earlier outputs")
     p.add_argument("-o", "--out", required=True, help="output folder: stress.parquet, report.md, plots/")
     p.add_argument("--verbose", action="store_true", help="libraries' own INFO logs")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -136,9 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("submit", "status", "stop"):
             return _jobs(args)
         if args.stage == "stress":
-            from diffgrm_dist.stress import load_stress_config, run_stress
+            from diffgrm_dist.errors import ConfigError
+            from diffgrm_dist.stress import load_stress_config, merge_outputs, run_stress
 
-            stats = run_stress(load_stress_config(args.config, args.overrides), Path(args.out))
+            if bool(args.config) == bool(args.merge):
+                raise ConfigError("stress: give -c CONFIG (run a grid) or --merge OUTPUT ... (report over outputs)")
+            stats = (merge_outputs([Path(p) for p in args.merge], Path(args.out), Path(args.out).name) if args.merge
+                     else run_stress(load_stress_config(args.config, args.overrides), Path(args.out)))
             _print_stats("stress", stats)
             print(f"[stress] wrote {args.out}/stress.parquet, report.md, plots/")
             return 0

@@ -267,6 +267,11 @@ def load_typed(cls: type, path: str | Path) -> Any:
     return _build(cls, _read_with_bases(path, seen=()), prefix="", origin=str(path))
 
 
+def build_typed(cls: type, raw: dict[str, Any], origin: str) -> Any:
+    """A config dataclass from a mapping (e.g. the config a manifest recorded), type-checked."""
+    return _build(cls, raw, prefix="", origin=origin)
+
+
 def apply_override(cfg: Any, item: str) -> str:
     """Applies one ``key.sub=value`` override to a config dataclass; returns the key."""
     key, sep, value = item.partition("=")

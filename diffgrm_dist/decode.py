@@ -209,23 +209,27 @@ class Catalogue:
         full = torch.ones_like(codes, dtype=torch.bool)
         return self.lookup(self.subset_of(full), self.index_of(codes, full)).view(codes.shape[:-1])
 
-    def candidates_exist(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    def candidates_exist(self, codes: torch.Tensor, filled: torch.Tensor, digit: int | None = None) -> torch.Tensor:
         """For beams (..., n) with ``filled`` digits: (..., n, K) whether filling digit j with
-        code c gives a pattern some item has (False where j is filled or c out of range)."""
+        code c gives a pattern some item has (False where j is filled or c out of range).
+        With ``digit``, only that digit's (..., K): AR search fills one known digit a step."""
         t = self.tensors(codes.device)
         k = max(self.sizes)
-        new_subset = self.subset_of(filled)[..., None] | t["bits"]  # (..., n)
-        strides = t["subset_strides"][new_subset]  # (..., n, n): strides in the new subset
-        base = (codes[..., None, :] * strides * filled[..., None, :].long()).sum(-1)  # (..., n)
-        own = torch.diagonal(strides, dim1=-2, dim2=-1)  # stride of digit j in subset S+j
+        digits = torch.arange(self.digits, device=codes.device) if digit is None else \
+            torch.tensor([digit], device=codes.device)
+        new_subset = self.subset_of(filled)[..., None] | t["bits"][digits]  # (..., D)
+        strides = t["subset_strides"][new_subset]  # (..., D, n): strides in the new subsets
+        base = (codes[..., None, :] * strides * filled[..., None, :].long()).sum(-1)  # (..., D)
+        own = strides[..., torch.arange(len(digits), device=codes.device), digits]  # digit j's stride in S+j
         code = torch.arange(k, device=codes.device)
         index = base[..., None] + own[..., None] * code
         subset = new_subset[..., None].expand_as(index)
-        ok = ~filled[..., None] & (code < t["sizes"][:, None])
+        ok = ~filled[..., digits, None] & (code < t["sizes"][digits, None])
         at = ok.reshape(-1).nonzero().squeeze(1)  # only unfilled digits' real codes are looked up
         exists = torch.zeros(ok.numel(), dtype=torch.bool, device=codes.device)
         exists[at] = self.lookup(subset.reshape(-1)[at], index.reshape(-1)[at]) != -1
-        return exists.view_as(ok)
+        exists = exists.view_as(ok)
+        return exists if digit is None else exists[..., 0, :]
 
     @property
     def nbytes(self) -> int:
@@ -343,14 +347,17 @@ class LongCodeCatalogue:
         parent_filled = filled.gather(1, beam[..., None].expand(-1, -1, codes.shape[2]))
         return (self._hash(parent_codes, parent_filled) + (code + 1) * t["mult"][digit]) & (2 ** 62 - 1)
 
-    def candidates_exist(self, codes: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    def candidates_exist(self, codes: torch.Tensor, filled: torch.Tensor, digit: int | None = None) -> torch.Tensor:
         """For beams (..., n) with ``filled`` digits: (..., n, K) whether filling digit j with
-        code c leaves some item the beam matches (False where j is filled or c out of range)."""
+        code c leaves some item the beam matches (False where j is filled or c out of range).
+        With ``digit``, only that digit's (..., K)."""
         t = self.tensors(codes.device)
         n, k = self.digits, max(self.sizes)
+        digits = torch.arange(n, device=codes.device) if digit is None else torch.tensor([digit], device=codes.device)
+        d = len(digits)
         shape = codes.shape[:-1]
         codes, filled = codes.reshape(-1, n), filled.reshape(-1, n)
-        exists = t["occurs"].expand(len(codes), n, k).clone()  # beams with nothing filled
+        exists = t["occurs"][digits].expand(len(codes), d, k).clone()  # beams with nothing filled
         some = filled.any(-1).nonzero().squeeze(1)
         if len(some):
             key = torch.arange(n, device=codes.device) * k + codes[some]  # (R, n)
@@ -359,7 +366,7 @@ class LongCodeCatalogue:
             shortest, pick = length.min(-1)
             start = t["post_offsets"][key.gather(1, pick[:, None]).squeeze(1)]
             cap = max(1, int(shortest.max()))
-            rows = max(1, self.BLOCK // (cap * n))
+            rows = max(1, self.BLOCK // (cap * n))  # (rows, cap, n) compares per block
             for lo in range(0, len(some), rows):
                 hi = min(lo + rows, len(some))
                 span = torch.arange(cap, device=codes.device)
@@ -368,15 +375,16 @@ class LongCodeCatalogue:
                 item_codes = t["codes"][groups]  # (r, cap, n)
                 beam_codes, beam_filled = codes[some[lo:hi]], filled[some[lo:hi]]
                 match = valid & ((item_codes == beam_codes[:, None]) | ~beam_filled[:, None]).all(-1)
-                found = torch.zeros(hi - lo, n * k, dtype=torch.bool, device=codes.device)
-                slot = torch.arange(n, device=codes.device) * k + item_codes  # (r, cap, n)
+                found = torch.zeros(hi - lo, d * k, dtype=torch.bool, device=codes.device)
+                slot = torch.arange(d, device=codes.device) * k + item_codes[..., digits]  # (r, cap, D)
                 hit = match[..., None].expand_as(slot)
                 beam_row = torch.arange(hi - lo, device=codes.device)[:, None, None].expand_as(slot)
                 found[beam_row[hit], slot[hit]] = True
-                exists[some[lo:hi]] = found.view(-1, n, k)
+                exists[some[lo:hi]] = found.view(-1, d, k)
         code = torch.arange(k, device=codes.device)
-        exists &= ~filled[..., None] & (code < t["sizes"][:, None])
-        return exists.view(*shape, n, k)
+        exists &= ~filled[:, digits, None] & (code < t["sizes"][digits, None])
+        exists = exists.view(*shape, d, k)
+        return exists if digit is None else exists[..., 0, :]
 
     @property
     def nbytes(self) -> int:
@@ -515,7 +523,7 @@ def ar_beam_search(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, be
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, k)
         padded = torch.cat([codes, codes.new_zeros(users, width, n - step)], dim=2)
         filled = torch.arange(n, device=device) < step
-        ok = catalogue.candidates_exist(padded, filled.expand(users, width, n))[:, :, step]
+        ok = catalogue.candidates_exist(padded, filled.expand(users, width, n), digit=step)
         total = torch.where(ok, scores[..., None] + logp, torch.full_like(logp, NEG_INF))
         scores, idx = total.view(users, -1).topk(min(beam, width * k), dim=-1)
         parent, code = idx // k, idx % k

@@ -535,6 +535,29 @@ def _log_row(row: dict[str, Any]) -> None:
     log.info("stress %s %s: %s, peak %.0f MiB, %.1f s", row["sweep"], axes, what, row["peak_mem_mib"], row["wall_s"])
 
 
+def merge_outputs(outputs: list[Path], out: Path, name: str = "merged") -> dict[str, Any]:
+    """One report over several ``diffgrm stress`` outputs (e.g. the full sweeps, run one
+    config at a time): their tables and sweeps side by side, published as one output."""
+    import pandas as pd
+
+    from diffgrm_dist.config import build_typed
+
+    tables, sweeps, wall = [], [], 0.0
+    first: StressConfig | None = None
+    for path in outputs:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        cfg = build_typed(StressConfig, manifest["config"], origin=str(Path(path) / "manifest.json"))
+        first = first or cfg
+        clash = {s.name for s in cfg.sweeps} & {s.name for s in sweeps}
+        if clash:
+            raise ConfigError(f"{path}: sweep names {sorted(clash)} also occur in an earlier output")
+        sweeps += cfg.sweeps
+        tables.append(pd.read_parquet(Path(path) / "stress.parquet"))
+        wall += manifest["stats"]["wall_s"]
+    merged = dataclasses.replace(first, name=name, sweeps=sweeps)
+    return publish(merged, pd.concat(tables, ignore_index=True), Path(out), wall)
+
+
 def publish(cfg: StressConfig, table, out: Path, wall_s: float) -> dict[str, Any]:
     """stress.parquet, plots and report.md into a temp folder beside OUT, then renamed."""
     from diffgrm_dist.rundir import package_versions, replace_dir
@@ -782,7 +805,7 @@ def report(cfg: StressConfig, table, fits: list[dict[str, Any]], plots: list[str
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer() and value > 1000):
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
         return f"{int(value):,}"
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
 

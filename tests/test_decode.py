@@ -208,6 +208,10 @@ def test_long_code_index_answers_as_the_pattern_tables(codes):
     for s in range(8):
         filled = torch.tensor([bool(s >> d & 1) for d in range(3)]).expand(len(beams), 3)
         assert torch.equal(table.candidates_exist(beams, filled), lists.candidates_exist(beams, filled)), s
+        for index in (table, lists):  # one digit's candidates, as the AR search asks
+            for digit in range(3):
+                assert torch.equal(index.candidates_exist(beams, filled, digit=digit),
+                                   index.candidates_exist(beams, filled)[:, digit])
     assert torch.equal(table.groups_of(beams), lists.groups_of(beams))
     np.testing.assert_array_equal(table.item_list, lists.item_list)
     model, memory = tiny_model(), memory_for(tiny_model())
