@@ -302,7 +302,11 @@ class LongCodeCatalogue:
         order = np.argsort(flat, kind="stable")
         self.postings = np.tile(np.arange(len(unique)), n)[order]
         self.post_offsets = np.searchsorted(flat[order], np.arange(n * k + 1)).astype(np.int64)
-        self.occurs = (np.diff(self.post_offsets) > 0).reshape(n, k)
+        lengths = np.diff(self.post_offsets)
+        self.occurs = (lengths > 0).reshape(n, k)
+        # (digit, code) pairs only one code group has: a beam filling it knows its code.
+        self.single = np.where(lengths == 1, self.postings[np.minimum(self.post_offsets[:-1], len(self.postings) - 1)],
+                               -1).reshape(n, k).astype(np.int64)
         rng = np.random.default_rng(seed)
         self.mult = (rng.integers(1, 2 ** 62, n, dtype=np.int64) | 1)  # odd 64-bit multipliers
         hashes = self._hash_np(unique)
@@ -324,7 +328,7 @@ class LongCodeCatalogue:
         key = str(device)
         if key not in self._t:
             self._t[key] = {name: torch.from_numpy(getattr(self, name)).to(device)
-                            for name in ("codes", "postings", "post_offsets", "occurs", "mult")}
+                            for name in ("codes", "postings", "post_offsets", "occurs", "single", "mult")}
             self._t[key]["sizes"] = torch.tensor(self.sizes, device=device)
         return self._t[key]
 
@@ -351,6 +355,16 @@ class LongCodeCatalogue:
         """For beams (..., n) with ``filled`` digits: (..., n, K) whether filling digit j with
         code c leaves some item the beam matches (False where j is filled or c out of range).
         With ``digit``, only that digit's (..., K)."""
+        return self._candidates(codes, filled, digit, destinations=False)[0]
+
+    def candidate_destinations(self, codes: torch.Tensor, filled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``candidates_exist`` and, per candidate fill, the code group it leaves the beam
+        with when exactly one remains (else -1): beams known to reach the same code can be
+        merged before they finish (see ``cpd``)."""
+        return self._candidates(codes, filled, None, destinations=True)
+
+    def _candidates(self, codes: torch.Tensor, filled: torch.Tensor, digit: int | None,
+                    destinations: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.tensors(codes.device)
         n, k = self.digits, max(self.sizes)
         digits = torch.arange(n, device=codes.device) if digit is None else torch.tensor([digit], device=codes.device)
@@ -358,6 +372,7 @@ class LongCodeCatalogue:
         shape = codes.shape[:-1]
         codes, filled = codes.reshape(-1, n), filled.reshape(-1, n)
         exists = t["occurs"][digits].expand(len(codes), d, k).clone()  # beams with nothing filled
+        dest = t["single"][digits].expand(len(codes), d, k).clone() if destinations else None
         some = filled.any(-1).nonzero().squeeze(1)
         if len(some):
             key = torch.arange(n, device=codes.device) * k + codes[some]  # (R, n)
@@ -375,16 +390,23 @@ class LongCodeCatalogue:
                 item_codes = t["codes"][groups]  # (r, cap, n)
                 beam_codes, beam_filled = codes[some[lo:hi]], filled[some[lo:hi]]
                 match = valid & ((item_codes == beam_codes[:, None]) | ~beam_filled[:, None]).all(-1)
-                found = torch.zeros(hi - lo, d * k, dtype=torch.bool, device=codes.device)
                 slot = torch.arange(d, device=codes.device) * k + item_codes[..., digits]  # (r, cap, D)
                 hit = match[..., None].expand_as(slot)
                 beam_row = torch.arange(hi - lo, device=codes.device)[:, None, None].expand_as(slot)
-                found[beam_row[hit], slot[hit]] = True
-                exists[some[lo:hi]] = found.view(-1, d, k)
+                where = (beam_row[hit], slot[hit])
+                count = torch.zeros(hi - lo, d * k, dtype=torch.int32, device=codes.device)
+                count.index_put_(where, torch.ones_like(where[0], dtype=torch.int32), accumulate=True)
+                exists[some[lo:hi]] = (count > 0).view(-1, d, k)
+                if destinations:
+                    group = torch.full((hi - lo, d * k), -1, dtype=torch.int64, device=codes.device)
+                    group[where] = groups[:, :, None].expand_as(slot)[hit]
+                    dest[some[lo:hi]] = torch.where(count == 1, group, -1).view(-1, d, k)
         code = torch.arange(k, device=codes.device)
         exists &= ~filled[:, digits, None] & (code < t["sizes"][digits, None])
         exists = exists.view(*shape, d, k)
-        return exists if digit is None else exists[..., 0, :]
+        if dest is not None:
+            dest = torch.where(exists.view(-1, d, k), dest, -1).view(*shape, d, k)
+        return (exists, dest) if digit is None else (exists[..., 0, :], None)
 
     @property
     def nbytes(self) -> int:
@@ -423,7 +445,7 @@ class Beams:
 @torch.no_grad()
 def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
         final_step: str = "global", fill_order: torch.Tensor | None = None,
-        fill_digits: int = 1) -> Beams:
+        fill_digits: int = 1, merge_destinations: bool = True) -> Beams:
     """Confidence-guided Parallel Denoising.
 
     Beams that reach the same state (the same digits filled with the same codes, in another
@@ -438,6 +460,11 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
     table, filled digits blocked), so a beam's m new digits are the most confident ones and
     its score is their joint log-probability under that pass: ceil(n/m) passes instead of
     n. m = 1 is the paper's CPD.
+    ``merge_destinations``: where the index can tell (``LongCodeCatalogue``), candidates whose
+    filled digits leave a single code are merged with every other candidate heading to that
+    code, keeping the best. With long codes a few filled digits already name one item, and
+    without this the beams fill out many orders of the same few codes (at n = 32 all 32
+    beams of a user ended on one code).
     """
     if fill_digits < 1:
         raise ValueError(f"eval.fill_digits must be >= 1, got {fill_digits}")
@@ -454,7 +481,10 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, n, k)
         for _ in range(min(fill_digits, n - fills)):
             width = codes.shape[1]
-            allowed = catalogue.candidates_exist(codes, filled)  # (U, W, n, k)
+            if merge_destinations and hasattr(catalogue, "candidate_destinations"):
+                allowed, dest = catalogue.candidate_destinations(codes, filled)  # (U, W, n, k) each
+            else:
+                allowed, dest = catalogue.candidates_exist(codes, filled), None
             if fill_order is not None:
                 allowed = allowed & (torch.arange(n, device=device) == fill_order[fills])[None, None, :, None]
             total = torch.where(allowed, scores[..., None, None] + logp, torch.full_like(logp, NEG_INF))
@@ -465,11 +495,21 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                 # A state with fills+1 filled digits has at most fills+1 parents among the
                 # (unique) beams, so the best beam*(fills+1) candidates hold the best `beam`
                 # distinct states.
-                take = min(beam * (fills + 1), width * n * k)
-                cand_scores, idx = total.view(users, -1).topk(take, dim=-1)
-                pick_beam, flat = idx // (n * k), idx % (n * k)
-                key = catalogue.state_key(codes, filled, pick_beam, flat // k, flat % k)
-                cand_scores = _drop_repeats(key, cand_scores)
+                # Merged destinations break that bound: widen until `beam` distinct states remain.
+                total_flat, take = total.view(users, -1), min(beam * (fills + 1), width * n * k)
+                wanted = torch.isfinite(total_flat).sum(1).clamp(max=beam)
+                while True:
+                    cand_scores, idx = total_flat.topk(take, dim=-1)
+                    pick_beam, flat = idx // (n * k), idx % (n * k)
+                    key = catalogue.state_key(codes, filled, pick_beam, flat // k, flat % k)
+                    if dest is not None:  # known destination: the code names the state (keys < 0)
+                        known = dest.view(users, -1).gather(1, idx)
+                        key = torch.where(known >= 0, -(known + 1), key)
+                    cand_scores = _drop_repeats(key, cand_scores)
+                    short = torch.isfinite(cand_scores).sum(1) < wanted
+                    if dest is None or take == width * n * k or not short.any():
+                        break
+                    take = min(take * 4, width * n * k)
                 new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
                 pick_beam, flat = pick_beam.gather(1, keep), flat.gather(1, keep)
             digit, code = flat // k, flat % k

@@ -215,7 +215,8 @@ def test_long_code_index_answers_as_the_pattern_tables(codes):
     assert torch.equal(table.groups_of(beams), lists.groups_of(beams))
     np.testing.assert_array_equal(table.item_list, lists.item_list)
     model, memory = tiny_model(), memory_for(tiny_model())
-    for decode in (lambda c: cpd(model, memory, c, beam=16), lambda c: ar_beam_search(model, memory, c, beam=16)):
+    for decode in (lambda c: cpd(model, memory, c, beam=16, merge_destinations=False),
+                   lambda c: ar_beam_search(model, memory, c, beam=16)):
         a, b = decode(table), decode(lists)
         torch.testing.assert_close(a.scores, b.scores)
         assert torch.equal(a.groups, b.groups)
@@ -240,6 +241,32 @@ def test_cpd_decodes_32_digit_codes_to_existing_items():
         assert all(tuple(c) in existing for c in beams.codes[live].tolist())
     beams = ar_beam_search(model, memory, catalogue, beam=8)
     assert (beams.groups >= 0).all()  # left to right, 8 distinct prefixes stay 8 distinct codes
+    # Without merging beams that can only reach one code, CPD's 8 beams fill out orders of
+    # the same code; merged, they keep several distinct codes.
+    unmerged = cpd(model, memory, catalogue, beam=8, merge_destinations=False)
+    merged = cpd(model, memory, catalogue, beam=8)
+    distinct_merged = (distinct_sids(merged, 8)[0] >= 0).sum(1)
+    distinct_unmerged = (distinct_sids(unmerged, 8)[0] >= 0).sum(1)
+    assert distinct_merged.min() >= 4 and distinct_merged.min() > distinct_unmerged.max()
+    assert all(tuple(c) in existing for c in merged.codes[torch.isfinite(merged.scores)].tolist())
+
+
+def test_destinations_name_the_one_code_a_fill_leaves(codes):
+    lists = LongCodeCatalogue(codes, SIZES)
+    rng = np.random.default_rng(5)
+    beams = torch.from_numpy(codes[rng.integers(0, len(codes), 30)])
+    for s in range(7):
+        filled = torch.tensor([bool(s >> d & 1) for d in range(3)]).expand(len(beams), 3)
+        exists, dest = lists.candidate_destinations(beams, filled)
+        assert torch.equal(exists, lists.candidates_exist(beams, filled))
+        for b, j, c in zip(*np.nonzero(exists.numpy())):
+            pattern = beams[b].clone()
+            pattern[j] = c
+            known = filled[b].clone()
+            known[j] = True
+            matches = {g for g, code in enumerate(lists.codes.tolist())
+                       if all(code[d] == pattern[d] for d in range(3) if known[d])}
+            assert dest[b, j, c].item() == (matches.pop() if len(matches) == 1 else -1)
 
 
 def test_top_items_expands_collisions_in_rank_order():
