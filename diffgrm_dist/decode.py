@@ -495,8 +495,10 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                 # A state with fills+1 filled digits has at most fills+1 parents among the
                 # (unique) beams, so the best beam*(fills+1) candidates hold the best `beam`
                 # distinct states.
-                # Merged destinations break that bound: widen until `beam` distinct states remain.
+                # Merged destinations break that bound: widen (up to 16x) until `beam` distinct
+                # states remain.
                 total_flat, take = total.view(users, -1), min(beam * (fills + 1), width * n * k)
+                widest = min(16 * take, width * n * k)
                 wanted = torch.isfinite(total_flat).sum(1).clamp(max=beam)
                 while True:
                     cand_scores, idx = total_flat.topk(take, dim=-1)
@@ -507,9 +509,9 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                         key = torch.where(known >= 0, -(known + 1), key)
                     cand_scores = _drop_repeats(key, cand_scores)
                     short = torch.isfinite(cand_scores).sum(1) < wanted
-                    if dest is None or take == width * n * k or not short.any():
+                    if dest is None or take == widest or not short.any():
                         break
-                    take = min(take * 4, width * n * k)
+                    take = min(take * 4, widest)
                 new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
                 pick_beam, flat = pick_beam.gather(1, keep), flat.gather(1, keep)
             digit, code = flat // k, flat % k
