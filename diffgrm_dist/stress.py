@@ -535,6 +535,13 @@ def _log_row(row: dict[str, Any]) -> None:
     log.info("stress %s %s: %s, peak %.0f MiB, %.1f s", row["sweep"], axes, what, row["peak_mem_mib"], row["wall_s"])
 
 
+def _commit() -> str:
+    """The git commit of the package that ran the grid ("" outside a checkout)."""
+    done = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def merge_outputs(outputs: list[Path], out: Path, name: str = "merged") -> dict[str, Any]:
     """One report over several ``diffgrm stress`` outputs (e.g. the full sweeps, run one
     config at a time): their tables and sweeps side by side, published as one output."""
@@ -576,7 +583,7 @@ def publish(cfg: StressConfig, table, out: Path, wall_s: float) -> dict[str, Any
                  "wall_s": round(wall_s, 1)}
         manifest = {"stage": "stress", "config_hash": section_hash(cfg), "stats": stats, "fits": fits,
                     "config": dataclasses.asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "host": platform.node(), "packages": package_versions(),
+                    "host": platform.node(), "packages": package_versions(), "commit": _commit(),
                     "outputs": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         replace_dir(tmp, out)
@@ -744,7 +751,8 @@ def largest_table(cfg: StressConfig, table) -> list[dict[str, Any]]:
 def report(cfg: StressConfig, table, fits: list[dict[str, Any]], plots: list[str], wall_s: float) -> str:
     nodes = sorted(table["node_id"].unique())
     lines = [f"# Stress report: {cfg.name}", "",
-             f"{len(table)} points on {len(nodes)} node(s) in {wall_s / 60:.1f} min; "
+             f"{len(table)} points on {len(nodes)} Ray node id(s) (a node's id is new in every Ray session) "
+             f"in {wall_s / 60:.1f} min; "
              f"{int((table['status'] == 'ok').sum())} ran, "
              f"{int((table['status'] == 'oom').sum())} over the memory limit, "
              f"{int((table['status'] == 'timeout').sum())} over the time limit, "
