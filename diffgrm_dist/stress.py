@@ -35,6 +35,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -265,7 +266,7 @@ def measure_train(point: TrainPoint, steps: int, history: int, seed: int, thread
 
     from diffgrm_dist.train import _free_port
 
-    result = Path(f"/tmp/diffgrm-stress-{uuid.uuid4().hex[:8]}.json")
+    result = Path(tempfile.gettempdir()) / f"diffgrm-stress-{uuid.uuid4().hex[:8]}.json"
     try:
         mp.spawn(_train_rank, args=(point, steps, history, seed, threads, _free_port(), str(result)),
                  nprocs=point.world_size, join=True)
@@ -365,13 +366,10 @@ def run_point_watched(spec: dict[str, Any], timeout_s: float, memory_gib: float)
     child's measurements."""
     import psutil
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}
-    if not env["DS_ACCELERATOR"]:
-        env.pop("DS_ACCELERATOR")
-    log_path = Path(f"/tmp/diffgrm-stress-{uuid.uuid4().hex[:8]}.log")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     peak, status, limit = 0.0, "ok", ""
-    with open(log_path, "w+") as out:
+    with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen([sys.executable, "-m", "diffgrm_dist.stress", "--point", json.dumps(spec)],
                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         proc = psutil.Process(child.pid)
@@ -393,7 +391,6 @@ def run_point_watched(spec: dict[str, Any], timeout_s: float, memory_gib: float)
         child.wait()
         out.seek(0)
         text = out.read()
-    log_path.unlink(missing_ok=True)
     measured: dict[str, Any] = {}
     lines = [line for line in text.splitlines() if line.startswith("STRESS-RESULT ")]
     if status == "ok" and lines:
