@@ -64,6 +64,24 @@ def test_cpd_returns_only_existing_codes_sorted(codes):
             assert (np.diff(row_scores[row >= 0]) <= 0).all()
 
 
+def best_path_scores(model, mem, codes, fill_digits=1):
+    """Brute force: each code's best score over every fill order, filling ``fill_digits``
+    digits per decoder pass (each pass's log-probabilities given the digits filled before)."""
+    n = codes.shape[1]
+    best = {}
+    for code in codes.tolist():
+        for order in itertools.permutations(range(n)):
+            filled = torch.zeros(1, n, dtype=torch.bool)
+            total = 0.0
+            for start in range(0, n, fill_digits):
+                logp = torch.log_softmax(model.denoise(mem, torch.tensor([code]), ~filled), -1)
+                for digit in order[start:start + fill_digits]:
+                    total += logp[0, digit, code[digit]].item()
+                    filled[0, digit] = True
+            best[tuple(code)] = max(best.get(tuple(code), -np.inf), total)
+    return sorted(best.items(), key=lambda kv: -kv[1])
+
+
 def test_cpd_with_a_huge_beam_equals_exhaustive_scoring(codes):
     """With B above every path count, CPD keeps every (code, fill order) path, so its
     deduplicated ranking equals the best path score of every code, computed by brute force."""
@@ -72,20 +90,8 @@ def test_cpd_with_a_huge_beam_equals_exhaustive_scoring(codes):
     beams = cpd(model, memory, cat, beam=100_000)
     groups, scores = distinct_sids(beams, len(codes))
 
-    n = 3
     for user in range(2):
-        mem = memory.select(torch.tensor([user]))
-        best = {}
-        for code in codes.tolist():
-            for order in itertools.permutations(range(n)):
-                filled = torch.zeros(1, n, dtype=torch.bool)
-                total = 0.0
-                for digit in order:
-                    logp = torch.log_softmax(model.denoise(mem, torch.tensor([code]), ~filled), -1)
-                    total += logp[0, digit, code[digit]].item()
-                    filled[0, digit] = True
-                best[tuple(code)] = max(best.get(tuple(code), -np.inf), total)
-        expected = sorted(best.items(), key=lambda kv: -kv[1])
+        expected = best_path_scores(model, memory.select(torch.tensor([user])), codes)
         got_codes = [tuple(codes[cat.item_list[cat.item_offsets[g]]].tolist()) for g in groups[user]]
         assert [c for c, _ in expected] == got_codes
         np.testing.assert_allclose(scores[user], [v for _, v in expected], rtol=1e-4, atol=1e-4)
@@ -165,21 +171,8 @@ def test_multi_digit_fill_with_a_huge_beam_equals_exhaustive_scoring(codes, m):
     memory = memory_for(model, users=2)
     beams = cpd(model, memory, cat, beam=100_000, fill_digits=m)
     groups, scores = distinct_sids(beams, len(codes))
-    n = 3
     for user in range(2):
-        mem = memory.select(torch.tensor([user]))
-        best = {}
-        for code in codes.tolist():
-            for order in itertools.permutations(range(n)):
-                filled = torch.zeros(1, n, dtype=torch.bool)
-                total = 0.0
-                for start in range(0, n, m):
-                    logp = torch.log_softmax(model.denoise(mem, torch.tensor([code]), ~filled), -1)
-                    for digit in order[start:start + m]:
-                        total += logp[0, digit, code[digit]].item()
-                        filled[0, digit] = True
-                best[tuple(code)] = max(best.get(tuple(code), -np.inf), total)
-        expected = sorted(best.items(), key=lambda kv: -kv[1])
+        expected = best_path_scores(model, memory.select(torch.tensor([user])), codes, m)
         got_codes = [tuple(codes[cat.item_list[cat.item_offsets[g]]].tolist()) for g in groups[user]]
         np.testing.assert_allclose(scores[user], [v for _, v in expected], rtol=1e-4, atol=1e-4)
         assert set(got_codes) == set(c for c, _ in expected)
