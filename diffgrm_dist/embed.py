@@ -5,7 +5,10 @@ sentence-transformers model once (one GPU per actor where the cluster has GPUs, 
 threads otherwise) and embeds whole shards; the driver writes every shard it gets back
 as its own ``.npy`` file, atomically, into a content-addressed cache folder. A re-run,
 or a run after a crash, finds the finished shards there and embeds only the missing
-ones. Embeddings are L2-normalised.
+ones. Embeddings are L2-normalised. ``CachedEmbeddings`` reads them back on demand.
+
+``ParquetEmbeddings``: embeddings a team already has (``tokenize.embeddings``), validated
+and read in blocks; no text model runs.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from diffgrm_dist.config import TokenizeConfig
+from diffgrm_dist.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +123,56 @@ def _finished(folder: Path, shard: int, rows: int) -> bool:
         return False
 
 
+@dataclass
+class CachedEmbeddings:
+    """The catalogue's embeddings as the cache holds them: shard files of rows sorted by
+    text length. Rows are read on demand (memory-mapped), never all at once."""
+
+    folder: Path
+    by_length: np.ndarray  # catalogue row of each cached row, in cache order
+    bounds: list[int]  # cache rows [bounds[s], bounds[s + 1]) are shard s
+    dim: int
+
+    @property
+    def items(self) -> int:
+        return len(self.by_length)
+
+    def _shard(self, shard: int) -> np.ndarray:
+        return np.load(shard_path(self.folder, shard), mmap_mode="r")
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of catalogue ``rows``, in that order."""
+        position = np.empty(self.items, dtype=np.int64)
+        position[self.by_length] = np.arange(self.items)
+        wanted = position[np.asarray(rows, dtype=np.int64)]
+        shard = np.searchsorted(self.bounds, wanted, side="right") - 1
+        out = np.empty((len(wanted), self.dim), dtype=np.float32)
+        for s in np.unique(shard):
+            here = shard == s
+            out[here] = self._shard(int(s))[wanted[here] - self.bounds[s]]
+        return out
+
+    def blocks(self, block_items: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(catalogue rows, embeddings) of whole shards, about ``block_items`` rows a block."""
+        n_shards = len(self.bounds) - 1
+        s = 0
+        while s < n_shards:
+            e = s + 1
+            while e < n_shards and self.bounds[e + 1] - self.bounds[s] <= block_items:
+                e += 1
+            vectors = np.concatenate([self._shard(i) for i in range(s, e)])
+            yield self.by_length[self.bounds[s]:self.bounds[e]], vectors
+            s = e
+
+
 def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> tuple[np.ndarray, EmbedReport]:
-    """Embeddings of all ``texts`` (rows in order), computed shard by shard on Ray."""
+    """Embeddings of all ``texts`` (rows in order) as one array: for small sets (new items)."""
+    cached, report = embed_to_cache(texts, cache_root, cfg)
+    return cached.gather(np.arange(len(texts))) if texts else np.zeros((0, 0), np.float32), report
+
+
+def embed_to_cache(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> tuple[CachedEmbeddings, EmbedReport]:
+    """Embeds the shards of ``texts`` the cache lacks, shard by shard on Ray."""
     import ray
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -162,16 +218,135 @@ def embed_catalogue(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> 
             finally:
                 for actor in actors:
                     ray.kill(actor)
-    parts = [np.load(shard_path(folder, s)) for s in range(n_shards)]
-    embeddings = np.zeros((0, 0), np.float32)
-    if parts:
-        embeddings = np.empty((n, parts[0].shape[1]), dtype=np.float32)
-        embeddings[by_length] = np.concatenate(parts)
+    dim = int(np.load(shard_path(folder, 0), mmap_mode="r").shape[1]) if n_shards else 0
     seconds = time.perf_counter() - start
     embedded_items = sum(bounds[s + 1] - bounds[s] for s in missing)
-    report = EmbedReport(dim=int(embeddings.shape[1]) if n else 0, shards=n_shards,
+    report = EmbedReport(dim=dim, shards=n_shards,
                          embedded_shards=len(missing), reused_shards=n_shards - len(missing),
                          actors=actors_used, nodes=nodes, seconds=round(seconds, 3),
                          items_per_s=round(embedded_items / seconds, 1) if missing else 0.0,
                          cache_dir=str(folder))
-    return embeddings, report
+    return CachedEmbeddings(folder, by_length, bounds, dim), report
+
+
+# ---------------------------------------------------------------------- bring your own
+
+
+def _open_parquet(path: str) -> pq.ParquetFile:
+    """The file at a path or filesystem URI; a DataError naming it if it cannot be read."""
+    from pyarrow import fs as pafs
+
+    from diffgrm_dist.rundir import display_uri, is_uri
+
+    shown = display_uri(path) if is_uri(path) else path
+    try:
+        if is_uri(path):
+            filesystem, inner = pafs.FileSystem.from_uri(path)
+            return pq.ParquetFile(filesystem.open_input_file(inner))
+        if not Path(path).is_file():
+            raise DataError(path, "file not found (tokenize.embeddings)")
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(shown, f"not a readable Parquet file: {exc}") from None
+
+
+class ParquetEmbeddings:
+    """Item embeddings a team already has (``tokenize.embeddings``): Parquet with columns
+    ``item_id`` and ``embedding`` (a list of floats of one dimension), rows in any order.
+
+    Opening the file validates it in one streaming pass (every catalogue item present once,
+    one dimension, finite values) and keeps only which catalogue row each file row holds;
+    embeddings are read again block by block when needed, so memory follows the block size.
+    Rows for items outside the catalogue are ignored (counted in ``extra_rows``).
+    """
+
+    def __init__(self, path: str, catalogue_ids: pa.Array, block_items: int = 1 << 18) -> None:
+        self.path, self.block_items = path, block_items
+        self.file = _open_parquet(path)
+        schema = self.file.schema_arrow
+        for name in ("item_id", "embedding"):
+            if name not in schema.names:
+                raise DataError(path, f"missing column (columns: {', '.join(schema.names)})", field=name)
+        kind = schema.field("embedding").type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
+                or not pa.types.is_floating(kind.value_type):
+            raise DataError(path, f"must be a list of floats, not {kind}", field="embedding")
+        self.dim = kind.list_size if pa.types.is_fixed_size_list(kind) else -1
+        catalogue_ids = pc.cast(catalogue_ids, pa.string())
+        self.rows_item = np.full(self.file.metadata.num_rows, -1, dtype=np.int64)
+        present = np.zeros(len(catalogue_ids), dtype=bool)
+        row = 0
+        for batch in self.file.iter_batches(batch_size=block_items, columns=["item_id", "embedding"]):
+            ids = pc.cast(batch.column("item_id"), pa.string())
+            for name, column in (("item_id", ids), ("embedding", batch.column("embedding"))):
+                if column.null_count:
+                    bad = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                    raise DataError(path, "null value", line=row + bad + 1, field=name)
+            index = pc.index_in(ids, value_set=catalogue_ids).fill_null(-1).to_numpy()
+            known = index >= 0
+            dup = present[index[known]]
+            found, counts = np.unique(index[known], return_counts=True)
+            if dup.any() or (counts > 1).any():
+                item = int(index[known][dup][0]) if dup.any() else int(found[counts > 1][0])
+                raise DataError(path, f"item_id {catalogue_ids[item].as_py()!r} appears more than once",
+                                field="item_id")
+            present[index[known]] = True
+            self.rows_item[row:row + len(index)] = index
+            self._vectors(batch.column("embedding"), row)
+            row += len(index)
+        if not present.all():
+            missing = np.flatnonzero(~present)
+            shown = ", ".join(repr(catalogue_ids[int(i)].as_py()) for i in missing[:5])
+            raise DataError(path, f"{len(missing)} catalogue item(s) have no embedding, e.g. {shown}",
+                            field="item_id")
+        self.extra_rows = int((self.rows_item < 0).sum())
+        self.items = len(catalogue_ids)
+
+    def _vectors(self, column: pa.Array, first_row: int) -> np.ndarray:
+        """(rows, dim) float32 of one batch's ``embedding`` column; checks dimension and
+        finiteness, naming the first bad row (1-based, in file order)."""
+        if pa.types.is_fixed_size_list(column.type):
+            lengths = np.full(len(column), column.type.list_size)
+        else:
+            lengths = pc.list_value_length(column).to_numpy()
+        if self.dim < 0 and len(lengths):
+            self.dim = int(lengths[0])
+        wrong = np.flatnonzero(lengths != self.dim)
+        if len(wrong) or self.dim == 0:
+            bad = int(wrong[0]) if len(wrong) else 0
+            raise DataError(self.path, f"has {int(lengths[bad])} values where the file's other rows have "
+                                       f"{self.dim}: embeddings need one dimension",
+                            line=first_row + bad + 1, field="embedding")
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        vectors = values.reshape(len(column), self.dim)
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            raise DataError(self.path, "holds a NaN or infinite value",
+                            line=first_row + int(np.flatnonzero(~finite)[0]) + 1, field="embedding")
+        return vectors
+
+    def _batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        row = 0
+        for batch in self.file.iter_batches(batch_size=self.block_items, columns=["embedding"]):
+            yield row, self._vectors(batch.column("embedding"), row)
+            row += batch.num_rows
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of catalogue ``rows``, in that order (one pass over the file)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        slot = np.full(self.items, -1, dtype=np.int64)
+        slot[rows] = np.arange(len(rows))
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for first, vectors in self._batches():
+            items = self.rows_item[first:first + len(vectors)]
+            at = np.where(items >= 0, slot[np.maximum(items, 0)], -1)
+            out[at[at >= 0]] = vectors[at >= 0]
+        return out
+
+    def blocks(self, block_items: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(catalogue rows, embeddings) of consecutive file rows, catalogue items only."""
+        del block_items  # blocks follow the file's batches, set at opening
+        for first, vectors in self._batches():
+            items = self.rows_item[first:first + len(vectors)]
+            keep = items >= 0
+            yield items[keep], vectors[keep]

@@ -195,7 +195,7 @@ def assign_sids(codes: np.ndarray, rule: str, priority: np.ndarray | None = None
     so an expanded SID lists its most likely item first), ties by item index."""
     if rule not in ("expand", "extra_digit"):
         raise ConfigError(f"tokenize.collision: {rule!r} is not expand or extra_digit")
-    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(code_keys(codes), return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     if priority is None:
         priority = np.zeros(len(codes))
@@ -205,6 +205,23 @@ def assign_sids(codes: np.ndarray, rule: str, priority: np.ndarray | None = None
     rank[order] = np.arange(len(codes)) - group_start[inverse[order]]
     out = np.concatenate([codes, rank[:, None]], axis=1) if rule == "extra_digit" else codes
     return SidAssignment(out, rank, counts[inverse])
+
+
+def code_keys(codes: np.ndarray) -> np.ndarray:
+    """One int64 per row, ordered as the rows are lexicographically (digits packed, first
+    digit highest), so grouping 10M codes is a 1-D sort; rows as void scalars where the
+    digits do not fit 63 bits."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or not codes.size:
+        return np.zeros(len(codes), dtype=np.int64)
+    bits = max(1, int(codes.max()).bit_length())
+    if codes.min() < 0 or bits * codes.shape[1] > 63:
+        rows = np.ascontiguousarray(codes)
+        return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    keys = np.zeros(len(codes), dtype=np.int64)
+    for column in codes.T:
+        keys = (keys << bits) | column
+    return keys
 
 
 def code_stats(codes: np.ndarray, assignment: SidAssignment, codebook_size: int) -> dict[str, Any]:
@@ -217,7 +234,7 @@ def code_stats(codes: np.ndarray, assignment: SidAssignment, codebook_size: int)
         entropy.append(round(float(-(p * np.log2(p)).sum()), 4))
     return {
         "items": int(len(codes)),
-        "distinct_codes": int(len(np.unique(codes, axis=0))),
+        "distinct_codes": int(len(np.unique(code_keys(codes)))),
         "colliding_items": int((assignment.group_size > 1).sum()),
         "max_items_per_code": int(assignment.group_size.max()) if len(codes) else 0,
         "digit_usage": usage,

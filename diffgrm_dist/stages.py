@@ -67,6 +67,25 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 PIPELINE = tuple(STAGES)
 
 
+def embeddings_hash(path: str) -> str:
+    """sha256 of a ``tokenize.embeddings`` file (path or URI), streamed; "missing" if absent,
+    so the stage runs and names the file in its error."""
+    import hashlib
+
+    from pyarrow import fs as pafs
+
+    from diffgrm_dist.rundir import is_uri
+
+    filesystem, inner = pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
+    if filesystem.get_file_info(inner).type != pafs.FileType.File:
+        return "missing"
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(inner) as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def stage_record(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir) -> StageRecord:
     """Config hash of the stage's sections; input hashes of raw files and upstream manifests."""
     # Training validates with part of the eval section: only that part decides whether it re-runs.
@@ -79,6 +98,8 @@ def stage_record(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir) -> StageR
         for path in source_files(cfg.data):
             if path.is_file():
                 inputs[f"file:{path.name}"] = file_sha256(path)[:16]
+    if stage.name == "tokenize" and cfg.tokenize.embeddings:
+        inputs["file:embeddings"] = embeddings_hash(cfg.tokenize.embeddings)
     for up in stage.upstream:
         inputs[f"stage:{up}"] = run_dir.manifest_hash(up)
     return StageRecord(stage.name, section_hash(cfg.seed, *sections), inputs)

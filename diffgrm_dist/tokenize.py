@@ -1,12 +1,17 @@
-"""tokenize stage (Parallel Semantic Encoding): item text -> n-digit semantic IDs.
+"""tokenize stage (Parallel Semantic Encoding): item embeddings -> n-digit semantic IDs.
 
-1. Embed every catalogue item's text on a Ray actor pool (``embed.py``); shards are cached
-   under ``RUN_DIR/embeddings/<key>/`` so a restart embeds only what is missing.
+1. Embeddings: the team's own (``tokenize.embeddings``: Parquet ``item_id``, ``embedding``,
+   validated in one streaming pass), or item text embedded on a Ray actor pool
+   (``embed.py``) into shards cached under ``RUN_DIR/embeddings/<key>/``, so a restart
+   embeds only what is missing. Neither is ever held whole in memory.
 2. Fit the quantiser (``quantize.py``: whitened PCA + OPQ + PQ, or RQ-KMeans) on the items
-   seen in training, and encode every item.
-3. Apply the collision rule and write ``RUN_DIR/tokenize/``: ``sids.parquet`` (``item``,
+   seen in training, or a seeded sample of them (``tokenize.fit_items``).
+3. Encode every item with the fitted quantiser, ``tokenize.block_items`` at a time, on a
+   Ray actor pool (one GPU each where there are GPUs).
+4. Apply the collision rule and write ``RUN_DIR/tokenize/``: ``sids.parquet`` (``item``,
    ``d0..d{n-1}`` [+ the extra digit], ``collision_rank``, ``train_count``: how often the
-   item is a training target), ``quantizer/`` and ``stats.json``.
+   item is a training target; one row group per block), ``quantizer/`` and ``stats.json``.
+   Memory: a few blocks of embeddings, the fit sample, and a few int32 per item.
 
 ``encode_new_items`` assigns SIDs to items outside the catalogue with the saved quantiser
 (cold start) without refitting anything.
@@ -25,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from diffgrm_dist.config import ExperimentConfig
-from diffgrm_dist.embed import embed_catalogue
+from diffgrm_dist.config import ExperimentConfig, TokenizeConfig
+from diffgrm_dist.embed import CachedEmbeddings, ParquetEmbeddings, embed_catalogue, embed_to_cache
 from diffgrm_dist.errors import DataError
 from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats, gpu_count
 from diffgrm_dist.readers import iter_lines
@@ -36,6 +41,9 @@ from diffgrm_dist.text import render_text, template_fields
 
 log = logging.getLogger(__name__)
 
+# Where item embeddings come from: gather (the fit sample) and blocks (every item).
+EmbeddingSource = CachedEmbeddings | ParquetEmbeddings
+
 
 def digit_columns(n: int) -> list[str]:
     return [f"d{i}" for i in range(n)]
@@ -43,13 +51,16 @@ def digit_columns(n: int) -> list[str]:
 
 def train_items(prepare_dir: Path, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     """Items that occur in any training window (history or target), and how often each
-    is a training target (its popularity)."""
-    train = pq.read_table(prepare_dir / "train.parquet", columns=["history", "target"])
+    is a training target (its popularity); read batch by batch, not as one table."""
     seen = np.zeros(n_items, dtype=bool)
-    seen[pc.list_flatten(train["history"]).to_numpy()] = True
-    targets = train["target"].to_numpy()
-    seen[targets] = True
-    return seen, np.bincount(targets, minlength=n_items)
+    popularity = np.zeros(n_items, dtype=np.int64)
+    train = pq.ParquetFile(prepare_dir / "train.parquet")
+    for batch in train.iter_batches(batch_size=1 << 16, columns=["history", "target"]):
+        seen[pc.list_flatten(batch.column("history")).to_numpy()] = True
+        targets = batch.column("target").to_numpy()
+        seen[targets] = True
+        popularity += np.bincount(targets, minlength=n_items)
+    return seen, popularity
 
 
 def embedding_cache(cfg: ExperimentConfig, run_dir: RunDir) -> Path:
@@ -66,26 +77,130 @@ def sid_table(items: np.ndarray, codes: np.ndarray, rank: np.ndarray, train_coun
     return pa.table(columns)
 
 
+def fit_sample(seen: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Catalogue rows the quantiser is fitted on: the training items, or a seeded sample
+    of ``count`` of them (sorted, so the fit sees them in catalogue order)."""
+    rows = np.flatnonzero(seen)
+    if 0 < count < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=count, replace=False))
+    return rows
+
+
+class QuantizeWorker:
+    """Ray actor body: the fitted quantiser (shipped as its files' bytes, so any node can
+    hold it), encoding one block of embeddings per call."""
+
+    def __init__(self, files: dict[str, bytes], threads: int) -> None:
+        import tempfile
+
+        import faiss
+
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, data in files.items():
+                (Path(folder) / name).write_bytes(data)
+            self.quantizer, _ = Quantizer.load(Path(folder))
+
+    def encode(self, block: int, vectors: np.ndarray) -> tuple[int, np.ndarray]:
+        return block, self.quantizer.encode(vectors).astype(np.int32)
+
+
+def encode_catalogue(quantizer_dir: Path, source: EmbeddingSource, cfg: TokenizeConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Codes of every catalogue item, block by block on a Ray actor pool (one GPU each
+    where there are GPUs); at most two blocks per actor are in flight, so the driver holds
+    a few blocks of embeddings and the (items, digits) int32 codes, nothing more."""
+    import ray
+
+    from diffgrm_dist.raycluster import ray_session, replica_actor
+
+    start = time.perf_counter()
+    files = {p.name: p.read_bytes() for p in sorted(quantizer_dir.iterdir())}
+    codes = np.full((source.items, cfg.digits), -1, dtype=np.int32)
+    blocks = source.blocks(cfg.block_items)
+    with ray_session() as resources:
+        actors = cfg.num_actors or max(1, resources.gpus or resources.cpus)
+        remote, _, threads = replica_actor(QuantizeWorker, resources, actors, f"tokenize.num_actors={actors}")
+        shared = ray.put(files)
+        pool = [remote.remote(shared, threads) for _ in range(actors)]
+        rows_of: dict[int, np.ndarray] = {}
+        pending: dict[Any, Any] = {}
+        try:
+            for number, (rows, vectors) in enumerate(blocks):
+                while len(pending) >= 2 * actors:
+                    _drain(pending, rows_of, codes, wait_for=1)
+                rows_of[number] = rows
+                actor = pool[number % actors]
+                pending[actor.encode.remote(number, vectors)] = actor
+            _drain(pending, rows_of, codes, wait_for=len(pending))
+        finally:
+            for actor in pool:
+                ray.kill(actor)
+    if (codes < 0).any():
+        raise RuntimeError(f"tokenize: {int((codes[:, 0] < 0).sum())} items were never encoded")
+    return codes, {"encode_s": round(time.perf_counter() - start, 3), "encode_actors": actors,
+                   "encode_blocks": number + 1 if source.items else 0}
+
+
+def _drain(pending: dict[Any, Any], rows_of: dict[int, np.ndarray], codes: np.ndarray, wait_for: int) -> None:
+    import ray
+
+    if not pending:
+        return
+    done, _ = ray.wait(list(pending), num_returns=wait_for)
+    for ref in done:
+        del pending[ref]
+        block, block_codes = ray.get(ref)
+        codes[rows_of.pop(block)] = block_codes
+
+
+def open_embeddings(cfg: ExperimentConfig, run_dir: RunDir, items: pa.Table) -> tuple[EmbeddingSource, dict[str, Any]]:
+    """The catalogue's embeddings: the team's own file (``tokenize.embeddings``), or the
+    text model's, embedded into the shard cache where it lacks them."""
+    tcfg = cfg.tokenize
+    if tcfg.embeddings:
+        start = time.perf_counter()
+        source = ParquetEmbeddings(tcfg.embeddings, items["item_id"], tcfg.block_items)
+        log.info("embeddings: %d items of %d dims from %s (%d rows outside the catalogue ignored)",
+                 source.items, source.dim, tcfg.embeddings, source.extra_rows)
+        return source, {"source": "file", "dim": source.dim, "extra_rows": source.extra_rows,
+                        "seconds": round(time.perf_counter() - start, 3)}
+    cached, report = embed_to_cache(items["text"].to_pylist(), embedding_cache(cfg, run_dir), tcfg)
+    return cached, {"source": "text_model", **{k: v for k, v in vars(report).items() if k != "cache_dir"}}
+
+
+def write_sids(path: Path, codes: np.ndarray, rank: np.ndarray, popularity: np.ndarray,
+               block_items: int) -> None:
+    """``sids.parquet`` written one row group (block) at a time."""
+    with pq.ParquetWriter(path, sid_table(np.zeros(0, np.int32), codes[:0], rank[:0], popularity[:0]).schema) as sink:
+        for lo in range(0, len(codes), block_items):
+            hi = min(lo + block_items, len(codes))
+            sink.write_table(sid_table(np.arange(lo, hi), codes[lo:hi], rank[lo:hi], popularity[lo:hi]))
+
+
 def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
     tcfg = cfg.tokenize
     prepare_dir = run_dir.stage_path("prepare")
-    items = pq.read_table(prepare_dir / "items.parquet", columns=["item", "text"])
-    texts = items["text"].to_pylist()
-
-    embeddings, report = embed_catalogue(texts, embedding_cache(cfg, run_dir), tcfg)
-    seen, popularity = train_items(prepare_dir, len(texts))
+    columns = ["item", "item_id"] if tcfg.embeddings else ["item", "text"]
+    items = pq.read_table(prepare_dir / "items.parquet", columns=columns)
+    if not np.array_equal(items["item"].to_numpy(), np.arange(items.num_rows)):
+        raise DataError(prepare_dir / "items.parquet", "items are not numbered 0..n-1 in order; "
+                        "re-run `diffgrm prepare`", field="item")
+    source, embedding = open_embeddings(cfg, run_dir, items)
+    del items
+    seen, popularity = train_items(prepare_dir, source.items)
     if not seen.any():  # no training windows at all (every user has exactly 3 items)
         seen[:] = True
 
     start = time.perf_counter()
-    quantizer = Quantizer.fit(embeddings[seen], tcfg)
-    codes = quantizer.encode(embeddings)
-    quantize_s = time.perf_counter() - start
+    rows = fit_sample(seen, tcfg.fit_items, tcfg.seed)
+    quantizer = Quantizer.fit(source.gather(rows), tcfg)
+    fit_s = time.perf_counter() - start
+    quantizer.save(out / "quantizer", extra={"model": "" if tcfg.embeddings else tcfg.model,
+                                             "collision": tcfg.collision, "pca_dim": tcfg.pca_dim})
+    codes, encoding = encode_catalogue(out / "quantizer", source, tcfg)
     assignment = assign_sids(codes, tcfg.collision, priority=popularity)
-    quantizer.save(out / "quantizer", extra={"model": tcfg.model, "collision": tcfg.collision,
-                                             "pca_dim": tcfg.pca_dim})
-    pq.write_table(sid_table(items["item"].to_numpy(), assignment.codes, assignment.collision_rank,
-                             popularity), out / "sids.parquet")
+    write_sids(out / "sids.parquet", assignment.codes, assignment.collision_rank, popularity, tcfg.block_items)
     stats = {
         **code_stats(codes, assignment, tcfg.codebook_size),
         "quantizer": tcfg.quantizer,
@@ -93,15 +208,19 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
         "sid_digits": int(assignment.codes.shape[1]),
         "extra_digit_size": int(assignment.group_size.max()) if tcfg.collision == "extra_digit" else 0,
         "train_items": int(seen.sum()),
-        "embedding_dim": report.dim,
-        "embedding": {k: v for k, v in vars(report).items() if k != "cache_dir"},
-        "embedding_s": report.seconds,
-        "quantizer_s": round(quantize_s, 3),
+        "fit_items": int(len(rows)),
+        "embedding_dim": int(embedding["dim"]),
+        "embedding": embedding,
+        "embedding_s": embedding["seconds"],
+        "quantizer_s": round(fit_s, 3),
+        **encoding,
         "quantizer_device": "gpu" if gpu_count() else "cpu",
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("tokenize: %d items -> %d distinct codes, %d colliding items", stats["items"],
-             stats["distinct_codes"], stats["colliding_items"])
+    log.info("tokenize: %d items -> %d distinct codes, %d colliding items (fit on %d items in %.1f s, "
+             "encoded in %d blocks on %d actors in %.1f s)", stats["items"], stats["distinct_codes"],
+             stats["colliding_items"], len(rows), fit_s, encoding["encode_blocks"],
+             encoding["encode_actors"], encoding["encode_s"])
     return stats
 
 
@@ -150,6 +269,9 @@ def encode_new_items(cfg: ExperimentConfig, run_dir: RunDir, path: Path) -> Path
     if run_dir.manifest("tokenize") is None:
         raise DataError(stage, "run the tokenize stage first")
     quantizer, meta = Quantizer.load(stage / "quantizer")
+    if not meta.get("model"):
+        raise DataError(stage, "this catalogue's SIDs were made from tokenize.embeddings, not item "
+                               "text: new items need embeddings from the same model, not text")
     ids, texts = _read_new_items(path, cfg.data.text_template)
     if not ids:
         raise DataError(path, "no items to encode")

@@ -116,3 +116,22 @@ def test_where_the_embedding_cache_lives_is_not_part_of_the_stage_hash():
     assert section_hash(cfg.tokenize) == before
     cfg.tokenize.pca_dim += 4
     assert section_hash(cfg.tokenize) != before
+
+
+def test_options_added_later_count_in_the_hash_only_when_set():
+    """``if_set`` fields keep finished runs current at their default; block size never counts."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from diffgrm_dist.config import _hashed
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    fields = _hashed(cfg.tokenize)
+    assert "embeddings" not in fields and "fit_items" not in fields and "block_items" not in fields
+    before = section_hash(cfg.tokenize)
+    assert before == hashlib.sha256(json.dumps([fields], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cfg.tokenize.block_items = 7
+    assert section_hash(cfg.tokenize) == before
+    for change in ({"fit_items": 100}, {"embeddings": "emb.parquet"}):
+        assert section_hash(dataclasses.replace(cfg.tokenize, **change)) != before
