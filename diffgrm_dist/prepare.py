@@ -4,7 +4,9 @@ Per user (items oldest first, ``n`` of them): test target ``seq[n-1]`` with hist
 ``seq[:n-1]``, validation target ``seq[n-2]`` with history ``seq[:n-2]``, and training
 windows ``seq[:t] -> seq[t]`` for ``min_history <= t <= n-3``. Every history keeps at most
 the ``max_history`` most recent items. Windows are built with numpy offset arithmetic,
-not a loop over users, so ten million interactions split in seconds.
+not a loop over users, so ten million interactions split in seconds; they are built and
+written ``USERS_PER_BLOCK`` users at a time, so the splits (up to ``max_history`` times the
+interactions) are never whole in memory.
 
 Outputs (``RUN_DIR/prepare/``):
 - ``items.parquet``: ``item`` (dense index), ``item_id`` (the dataset's id), ``text``.
@@ -12,6 +14,9 @@ Outputs (``RUN_DIR/prepare/``):
 - ``train.parquet`` / ``valid.parquet`` / ``test.parquet``: ``user``, ``history`` (list of
   ``item``, oldest first), ``target``.
 - ``stats.json``: counts, drops and timings.
+
+Tables are written in row groups of ``ROW_GROUP_SIZE`` rows, so a reader of a row range
+(an evaluation chunk) decodes a bounded slice of the file, not all of it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,17 +41,49 @@ from diffgrm_dist.text import render_text
 
 log = logging.getLogger(__name__)
 
+ROW_GROUP_SIZE = 65536
+
+
+# Users per block when the splits are built and written: what bounds the stage's memory
+# beyond the packed sequences themselves (about 10 bytes an interaction).
+USERS_PER_BLOCK = 1 << 18
+
 
 @dataclass
 class Prepared:
-    """The prepared dataset in memory (what the Parquet files hold)."""
+    """The prepared dataset: items and sequences as tables, the splits as the packed
+    sequences they are cut from (``split_blocks`` builds them a block of users at a time)."""
 
     items: pa.Table
     sequences: pa.Table
-    train: pa.Table
-    valid: pa.Table
-    test: pa.Table
+    offsets: np.ndarray  # (users + 1,) into seq
+    seq: np.ndarray  # dense item index of every interaction, user by user
+    split_cfg: PrepareConfig
     stats: dict[str, Any]
+
+    def split_blocks(self, users_per_block: int = USERS_PER_BLOCK) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
+        """(train, valid, test) of consecutive blocks of users, user indices global."""
+        users = len(self.offsets) - 1
+        for lo in range(0, users, users_per_block):
+            hi = min(users, lo + users_per_block)
+            block = self.offsets[lo:hi + 1]
+            tables = leave_one_out(block - block[0], self.seq[block[0]:block[-1]], self.split_cfg)
+            yield tuple(t.set_column(0, "user", pc.add(t["user"], np.int32(lo))) for t in tables)
+
+    def _split(self, which: int) -> pa.Table:
+        return pa.concat_tables([blocks[which] for blocks in self.split_blocks()])
+
+    @property
+    def train(self) -> pa.Table:
+        return self._split(0)
+
+    @property
+    def valid(self) -> pa.Table:
+        return self._split(1)
+
+    @property
+    def test(self) -> pa.Table:
+        return self._split(2)
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
@@ -88,15 +126,14 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     user_index = pa.array(np.arange(len(user_ids), dtype=np.int32))
     sequences = pa.table({"user": user_index, "user_id": user_ids,
                           "items": _list_array(offsets, seq.astype(np.int32))})
-    train, valid, test = leave_one_out(offsets, seq, cfg.prepare)
-
+    lengths = np.diff(offsets)
     stats = {
         "users": len(user_ids),
         "items": len(order),
         "interactions": int(offsets[-1]),
-        "train_samples": train.num_rows,
-        "valid_users": valid.num_rows,
-        "test_users": test.num_rows,
+        "train_samples": int(np.maximum(lengths - 2 - cfg.prepare.min_history, 0).sum()),
+        "valid_users": len(user_ids),
+        "test_users": len(user_ids),
         "mean_user_items": round(float(offsets[-1]) / len(user_ids), 3),
         "dropped": drops,
         "read_s": round(read_s, 3),
@@ -105,7 +142,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     for name, count in drops.items():
         if count:
             log.warning("dropped %d %s", count, name.replace("_", " "))
-    return Prepared(items, sequences, train, valid, test, stats)
+    return Prepared(items, sequences, offsets, seq, cfg.prepare, stats)
 
 
 def leave_one_out(offsets: np.ndarray, seq: np.ndarray,
@@ -153,13 +190,41 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
 
 
-def write_prepared(prepared: Prepared, out: Path) -> None:
-    """Writes the Parquet tables and stats.json into ``out`` (a stage temp folder)."""
-    for name in ("items", "sequences", "train", "valid", "test"):
-        pq.write_table(getattr(prepared, name), out / f"{name}.parquet", compression="zstd")
+def write_prepared(prepared: Prepared, out: Path, users_per_block: int = USERS_PER_BLOCK) -> None:
+    """Writes the Parquet tables and stats.json into ``out`` (a stage temp folder); the
+    splits a block of users at a time, so they are never whole in memory."""
+    for name in ("items", "sequences"):
+        pq.write_table(getattr(prepared, name), out / f"{name}.parquet", compression="zstd",
+                       row_group_size=ROW_GROUP_SIZE)
+    writers: dict[str, pq.ParquetWriter] = {}
+    try:
+        for tables in prepared.split_blocks(users_per_block):
+            for name, table in zip(("train", "valid", "test"), tables):
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(out / f"{name}.parquet", table.schema, compression="zstd")
+                writers[name].write_table(table, row_group_size=ROW_GROUP_SIZE)
+    finally:
+        for writer in writers.values():
+            writer.close()
     (out / "stats.json").write_text(json.dumps(prepared.stats, indent=2) + "\n")
 
 
 def load_split(stage_dir: Path, name: str) -> pa.Table:
     """Reads one of the prepared tables back."""
     return pq.read_table(stage_dir / f"{name}.parquet")
+
+
+def row_group_starts(meta: pq.FileMetaData) -> np.ndarray:
+    """First row of each row group of a Parquet file, then its row count."""
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+
+
+def read_rows(path: Path, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``[start, end)`` (not empty) of a Parquet file, decoding only the row groups
+    that hold them."""
+    file = pq.ParquetFile(path)
+    starts = row_group_starts(file.metadata)
+    groups = np.nonzero((starts[:-1] < end) & (starts[1:] > start))[0]
+    table = file.read_row_groups(groups.tolist(), columns=columns)
+    return table.slice(start - int(starts[groups[0]]), end - start)

@@ -26,6 +26,7 @@ import gzip
 import importlib.util
 import json
 import re
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,12 +95,14 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 class _Users:
-    """Collects per-user sequences of item rows, then packs them into flat arrays."""
+    """Collects per-user sequences of item rows into flat typed buffers (8 bytes an
+    interaction, not a Python list of ints per user), then packs them as arrays."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.lines: dict[str, int] = {}
-        self.seqs: list[list[int]] = []
+        self.flat = array("q")
+        self.lengths = array("q")
 
     def add(self, user: str, items: list[int], path: Path, line: int) -> None:
         if user in self.lines:
@@ -107,14 +110,13 @@ class _Users:
                             f"{self.lines[user]})", line=line)
         self.lines[user] = line
         self.ids.append(user)
-        self.seqs.append(items)
+        self.flat.extend(items)
+        self.lengths.append(len(items))
 
     def pack(self) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-        lengths = np.fromiter((len(s) for s in self.seqs), dtype=np.int64, count=len(self.seqs))
-        offsets = np.zeros(len(self.seqs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((i for s in self.seqs for i in s), dtype=np.int64, count=int(offsets[-1]))
-        return pa.array(self.ids, pa.string()), offsets, flat
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self.lengths, dtype=np.int64), out=offsets[1:])
+        return pa.array(self.ids, pa.string()), offsets, np.frombuffer(self.flat, dtype=np.int64).copy()
 
 
 class _Items:
@@ -436,7 +438,8 @@ def read_movielens(cfg: DataConfig) -> RawData:
     for user, events in users.items():
         events.sort()  # by time, then file order
         collected.ids.append(user)
-        collected.seqs.append([row for _, _, row in events])
+        collected.flat.extend(row for _, _, row in events)
+        collected.lengths.append(len(events))
     user_ids, offsets, flat = collected.pack()
     return RawData(items.table(), str(item_path), user_ids, offsets, flat,
                    sources=[inter_path, item_path], drops=drops)

@@ -117,3 +117,19 @@ def test_min_and_max_history_respected(max_history):
     p = prepare(cfg)
     lengths = [len(h) for h in p.train["history"].to_pylist()]
     assert min(lengths) >= 1 and max(lengths) <= max_history
+
+
+def test_splits_written_in_blocks_of_users_equal_the_whole(tmp_path):
+    """write_prepared builds the splits a block of users at a time: same rows, same order."""
+    from diffgrm_dist.prepare import ROW_GROUP_SIZE, write_prepared
+
+    p = prepare(synthetic_cfg(items=300, interactions=6000))
+    whole = leave_one_out(p.offsets, p.seq, p.split_cfg)
+    write_prepared(p, tmp_path, users_per_block=37)
+    for name, table in zip(("train", "valid", "test"), whole):
+        written = pq.read_table(tmp_path / f"{name}.parquet")
+        assert written.equals(table.cast(written.schema)), name
+        assert pq.ParquetFile(tmp_path / f"{name}.parquet").metadata.num_row_groups > 1
+    assert all(pq.ParquetFile(tmp_path / "train.parquet").metadata.row_group(g).num_rows <= ROW_GROUP_SIZE
+               for g in range(3))
+    assert json.loads((tmp_path / "stats.json").read_text())["train_samples"] == whole[0].num_rows
