@@ -17,14 +17,18 @@ rank (ranks with different counts would hang collective ops at epoch end):
 * ``ShuffledBatches``: every epoch is a fresh seeded permutation of all samples
   (``epoch_batches``), read by random access through the index (``IndexedWindows``), with
   optional length bucketing so batches pad less.
+
+Both read a URI run's shards in place through its pyarrow filesystem (``ShardSet.open``):
+training never copies the shard stage to the node.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import itertools
 import json
-import mmap
 import os
 import random
 import tarfile
@@ -40,10 +44,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import webdataset as wds
+from pyarrow import fs as pafs
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from diffgrm_dist.errors import DataError
 from diffgrm_dist.ragged import left_pad_index
-from diffgrm_dist.rundir import file_sha256
+from diffgrm_dist.rundir import RunDir, file_sha256
 from diffgrm_dist.sids import load_sids
 
 SPLITS = ("train", "valid", "test")
@@ -153,39 +159,110 @@ def verify_sha256(path: Path, expected: str) -> None:
                               "the shard is corrupt or half-copied (re-run `diffgrm shard`)")
 
 
+def verify_sizes(fs: pafs.FileSystem, folder: str, shown: str, expected: dict[str, int]) -> None:
+    """DataError naming the first shard in ``expected`` (name -> size, from the stage
+    manifest's ``outputs``) that is missing from ``folder`` or has another size. One
+    listing for the whole set: on an object store, hashing every shard on every rank
+    would read the whole stage each time training starts."""
+    found = {info.base_name: info.size for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+             if info.type == pafs.FileType.File}
+    for name, size in expected.items():
+        if name not in found:
+            raise DataError(f"{shown}/{name}", "shard listed in shards.json is missing (re-run `diffgrm shard`)")
+        if found[name] != size:
+            raise DataError(f"{shown}/{name}", f"{found[name]} bytes, the shard stage wrote {size}: the shard "
+                                               "is truncated or half-copied (re-run `diffgrm shard`)")
+
+
 @dataclass(frozen=True)
 class ShardSet:
     """One split's shards: paths and sample counts, from shards.json, and the split's sample
-    index (``index_shards``) where the shard stage wrote one."""
+    index (``index_shards``) where the shard stage wrote one.
+
+    ``fs`` is the pyarrow filesystem the paths are on: None for local files, the run's
+    filesystem for a run directory given as a URI, whose shards are read in place."""
 
     paths: tuple[str, ...]
     counts: tuple[int, ...]
     digit_sizes: tuple[int, ...]
     max_history: int
     index: np.ndarray | None = field(default=None, compare=False, repr=False)
+    fs: pafs.FileSystem | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, shard_dir: Path, split: str, verify: bool = True) -> ShardSet:
-        """``verify``: every shard (and the index) must match its sha256 in shards.json, so a
-        half-copied or corrupt shard is named here instead of failing mid-epoch."""
+        """A local shard stage folder. ``verify``: every shard (and the index) must match
+        its sha256 in shards.json, so a half-copied or corrupt shard is named here instead
+        of failing mid-epoch."""
         manifest = json.loads((shard_dir / "shards.json").read_text())
         entry = manifest["splits"][split]
-        counts = tuple(int(e["samples"]) for e in entry["shards"])
         if verify:
             for e in entry["shards"] + ([entry["index"]] if "index" in entry else []):
                 verify_sha256(shard_dir / split / e["name"], e["sha256"])
         index = None
         if "index" in entry:
             index = np.load(shard_dir / split / entry["index"]["name"], allow_pickle=False)
+        return cls._build(manifest, split, str(shard_dir / split), str(shard_dir / split), index, None)
+
+    @classmethod
+    def open(cls, run_dir: RunDir, split: str, verify: bool = True) -> ShardSet:
+        """The split of ``run_dir``'s shard stage, where the run keeps it: a local run as
+        ``load``; a URI run reads only shards.json, the stage manifest and the index, and
+        its shards stay in the bucket (``verify`` checks their sizes with one listing)."""
+        if run_dir.remote is None:
+            return cls.load(run_dir.stage_path("shard"), split, verify)
+        shown = f"{run_dir.display}/shard"
+        text = run_dir.read_text("shard", "shards.json")
+        stage = run_dir.manifest("shard")
+        if text is None or stage is None:
+            raise DataError(f"{shown}/shards.json", "missing: run `diffgrm shard` first")
+        manifest = json.loads(text)
+        entry = manifest["splits"][split]
+        if verify:
+            outputs = stage.get("outputs", {})
+            for e in entry["shards"]:
+                if f"{split}/{e['name']}" not in outputs:
+                    raise DataError(f"{shown}/{split}/{e['name']}", "listed in shards.json but not in the "
+                                    "stage's manifest outputs (re-run `diffgrm shard`)")
+            verify_sizes(run_dir.remote.fs, run_dir.remote.path(f"shard/{split}"), f"{shown}/{split}",
+                         {e["name"]: int(outputs[f"{split}/{e['name']}"]) for e in entry["shards"]})
+        index = None
+        if "index" in entry:
+            name = entry["index"]["name"]
+            data = run_dir.remote.read_bytes(f"shard/{split}/{name}")
+            if data is None:
+                raise DataError(f"{shown}/{split}/{name}", "listed in shards.json but missing (re-run `diffgrm shard`)")
+            if verify and hashlib.sha256(data).hexdigest() != entry["index"]["sha256"]:
+                raise DataError(f"{shown}/{split}/{name}", "does not match its sha256 in shards.json: "
+                                                           "corrupt or half-copied (re-run `diffgrm shard`)")
+            index = np.load(io.BytesIO(data), allow_pickle=False)
+        return cls._build(manifest, split, run_dir.remote.path(f"shard/{split}"), f"{shown}/{split}", index,
+                          run_dir.remote.fs)
+
+    @classmethod
+    def _build(cls, manifest: dict[str, Any], split: str, folder: str, shown: str, index: np.ndarray | None,
+               fs: pafs.FileSystem | None) -> ShardSet:
+        entry = manifest["splits"][split]
+        counts = tuple(int(e["samples"]) for e in entry["shards"])
+        if index is not None:
             per_shard = np.bincount(index["shard"], minlength=len(counts))
             if index.dtype != _INDEX or per_shard.tolist() != list(counts):
-                raise ValueError(f"{shard_dir / split}: index does not match shards.json")
-        return cls(tuple(str(shard_dir / split / e["name"]) for e in entry["shards"]), counts,
-                   tuple(manifest["digit_sizes"]), int(manifest["max_history"]), index)
+                raise ValueError(f"{shown}: index does not match shards.json")
+        return cls(tuple(f"{folder}/{e['name']}" for e in entry["shards"]), counts,
+                   tuple(manifest["digit_sizes"]), int(manifest["max_history"]), index, fs)
 
     @property
     def samples(self) -> int:
         return sum(self.counts)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the shards are read over a network filesystem rather than from local files."""
+        return self.fs is not None and not isinstance(self.fs, pafs.LocalFileSystem)
+
+    def filesystem(self) -> pafs.FileSystem:
+        """Where ``paths`` are: ``fs``, or the local disk."""
+        return self.fs if self.fs is not None else pafs.LocalFileSystem()
 
 
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -205,6 +282,9 @@ def split_bounds(total: int, parts: int) -> np.ndarray:
 def epoch_steps(total: int, world: int, batch_size: int) -> int:
     """Steps per epoch, the same on every rank: enough for the largest rank's share."""
     return max(1, -(-total // (world * batch_size)))
+
+
+STREAM_BUFFER = 4 << 20  # bytes per read of a streamed shard: one ranged GET on an object store
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -250,15 +330,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         yield from samples
 
     def _read(self, pieces: list[tuple[str, int, int]]) -> Iterator[dict[str, Any]]:
+        """Each piece's shard streamed front to back through WebDataset's tar reader, on
+        the set's filesystem: local files and object stores alike, never a whole copy."""
         digits = len(self.shards.digit_sizes)
+        fs = self.shards.filesystem()
         for path, skip, take in pieces:
-            # Raw bytes, decoded here: no pickle-capable decoder ever sees shard contents.
-            source = wds.WebDataset(path, shardshuffle=False, nodesplitter=None,
-                                    workersplitter=None, empty_check=False)
-            for i, sample in enumerate(source):
-                if i >= skip + take:
-                    break
-                if i >= skip:
+            with fs.open_input_stream(path, compression=None, buffer_size=STREAM_BUFFER) as stream:
+                files = tar_file_expander([{"url": path, "stream": stream}])
+                # Raw bytes, decoded here: no pickle-capable decoder ever sees shard contents.
+                for sample in itertools.islice(group_by_keys(files), skip, skip + take):
                     yield {**decode_window(sample["win"], digits), "key": sample["__key__"]}
 
 
@@ -332,10 +412,13 @@ class BalancedBatches:
 class IndexedWindows(torch.utils.data.Dataset):
     """One split's windows by sample id (their order in the shards), read through the index.
 
-    Shard files are memory-mapped on first use in each process, so DataLoader workers open
-    their own maps rather than share a parent's; at most ``max_open`` stay mapped (each
-    holds a file descriptor). Samples are decoded by ``decode_window``: no pickle ever
-    touches shard contents.
+    Each sample is one ranged read of its bytes: local shards are memory-mapped, shards on
+    a URI run's filesystem are opened in place, so on an object store every sample is one
+    ranged GET (``train.shuffle=shards`` is the sequential streaming reader for buckets).
+    Files are opened on first use in each process, so DataLoader workers open their own
+    rather than share a parent's (forked or spawned); at most ``max_open`` stay open (each
+    holds a file descriptor or a connection). Samples are decoded by ``decode_window``: no
+    pickle ever touches shard contents.
     """
 
     def __init__(self, shards: ShardSet, max_open: int = 256) -> None:
@@ -343,32 +426,33 @@ class IndexedWindows(torch.utils.data.Dataset):
             raise ValueError(f"{Path(shards.paths[0]).parent}: no {INDEX_NAME}; rerun the shard stage")
         self.shards, self.max_open = shards, max_open
         self.digits = len(shards.digit_sizes)
-        self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+        self._files: OrderedDict[int, pa.NativeFile] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.shards.index)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Maps do not pickle; a spawned worker opens its own."""
-        return {**self.__dict__, "_maps": OrderedDict()}
+        """Open files do not pickle; a spawned worker opens its own."""
+        return {**self.__dict__, "_files": OrderedDict()}
 
-    def _map(self, shard: int) -> mmap.mmap:
-        if self._pid != os.getpid():  # a forked worker: drop the parent's maps
-            self._maps, self._pid = OrderedDict(), os.getpid()
-        if shard in self._maps:
-            self._maps.move_to_end(shard)
+    def _file(self, shard: int) -> pa.NativeFile:
+        if self._pid != os.getpid():  # a forked worker: drop the parent's files
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if shard in self._files:
+            self._files.move_to_end(shard)
         else:
-            if len(self._maps) >= self.max_open:
-                self._maps.popitem(last=False)[1].close()
-            with open(self.shards.paths[shard], "rb") as fh:
-                self._maps[shard] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[shard]
+            if len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
+            path = self.shards.paths[shard]
+            self._files[shard] = (self.shards.fs.open_input_file(path) if self.shards.remote
+                                  else pa.memory_map(path, "r"))
+        return self._files[shard]
 
     def read(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
         """The samples with these ids, in this order."""
         rows = self.shards.index[np.asarray(ids, dtype=np.int64)]
-        return [decode_window(self._map(shard)[offset:offset + size], self.digits)
+        return [decode_window(self._file(shard).read_at(size, offset), self.digits)
                 for shard, offset, size in zip(rows["shard"].tolist(), rows["offset"].tolist(),
                                                rows["size"].tolist())]
 

@@ -2,10 +2,11 @@
 
 ``train_worker`` is the per-rank loop and is the same for both launchers: it reads its
 share of the WebDataset shards (every window reshuffled each epoch, exactly once across
-ranks), lets the DeepSpeed engine own the optimiser (AdamW), the warm-up + cosine
-schedule, gradient clipping, ZeRO stage and bf16 (optionally the forward under bf16
-autocast), validates from ``train.valid_start_epoch`` with the same ranking code as the
-evaluate stage (metrics summed across ranks; all validation users or a seeded sample),
+ranks; a URI run's shards in place on its filesystem, never copied to the node), lets the
+DeepSpeed engine own the optimiser (AdamW), the warm-up + cosine schedule, gradient
+clipping, ZeRO stage and bf16 (optionally the forward under bf16 autocast), validates
+from ``train.valid_start_epoch`` with the same ranking code as the evaluate stage (metrics
+summed across ranks; all validation users or a seeded sample),
 checkpoints every epoch (and every ``train.checkpoint_every_steps`` steps: a resumed epoch
 skips the windows already trained on and restores each rank's RNG, so it trains exactly as
 an uninterrupted one), resumes from the newest intact checkpoint, keeps the best model by
@@ -320,8 +321,8 @@ def validation_queries(prepare_dir: Path, cfg: ExperimentConfig, rank: int, worl
 def train_worker(config: dict[str, Any]) -> None:
     """One rank's training loop (Ray Train worker or the local process)."""
     cfg: ExperimentConfig = config["cfg"]
-    run_dir = RunDir(config["run_dir"])  # on another node: pulls the stages it reads
-    shard_dir, out_dir = run_dir.stage_path("shard"), Path(config["out_dir"])
+    run_dir = RunDir(config["run_dir"])  # on another node: pulls the small stages it reads
+    out_dir = Path(config["out_dir"])
     launcher = config["launcher"]
     _skip_cpu_shm_build()
     import deepspeed  # noqa: F401  (it sets its logger's level on import: quiet it after that)
@@ -338,7 +339,10 @@ def train_worker(config: dict[str, Any]) -> None:
     # train.seed varies only training (init, window order, noise): SIDs and shards stay put.
     torch.manual_seed(cfg.seed + cfg.train.seed)
     np.random.seed(cfg.seed + cfg.train.seed)
-    train_set = ShardSet.load(shard_dir, "train")
+    train_set = ShardSet.open(run_dir, "train")  # a URI run's shards stay where they are
+    if rank == 0 and train_set.remote and cfg.train.shuffle == "windows":
+        log.info("train.shuffle=windows reads %s's shards by one ranged GET per sample; "
+                 "train.shuffle=shards streams them sequentially", run_dir.display)
     sid_table = load_sids(run_dir.stage_path("tokenize"))
     spec = SidSpec(train_set.digit_sizes, train_set.max_history, items=len(sid_table.codes))
     catalogue, sids = catalogue_for(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))

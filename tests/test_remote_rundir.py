@@ -1,4 +1,5 @@
-"""RUN_DIR as a URI: stages are uploaded manifest-last and pulled into each node's mirror.
+"""RUN_DIR as a URI: stages are uploaded manifest-last and pulled into each node's mirror,
+except the training shards, which are read in place.
 
 The S3 tests run against a real S3 API (moto's server on 127.0.0.1) through pyarrow's
 S3 filesystem, the same code path as Amazon S3; file:// URIs exercise it without one."""
@@ -8,14 +9,17 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
 from conftest import CONFIGS, s3_uri
-from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.rundir import MANIFEST, RunDir, StageRecord, display_uri
+from diffgrm_dist.errors import ConfigError, DataError
+from diffgrm_dist.rundir import MANIFEST, RemoteStore, RunDir, StageRecord, display_uri
+from diffgrm_dist.shard import BalancedBatches, IndexedWindows, ShardSet, ShardStream, ShuffledBatches
 from diffgrm_dist.submit import entrypoint_for
+from test_shuffle import write_train
 
 
 def write_demo_stage(run_dir: RunDir, text: str, fail: bool = False) -> None:
@@ -131,3 +135,113 @@ def test_pipeline_on_an_s3_run_dir(tmp_path, s3_endpoint, run_cli, monkeypatch, 
     pulled = next(machine_b.glob("runs/*/train/model.safetensors"))
     with fs.open_input_stream("runs/tiny/train/model.safetensors") as fh:
         assert pulled.read_bytes() == fh.read()
+
+
+# --------------------------------------------------------------------------- shards read in place
+
+
+def write_shard_stage(run_dir: RunDir) -> ShardSet:
+    """A train split of 1,003 windows in 16 shards as the shard stage of ``run_dir`` (uploaded
+    for a URI run); returns the writer's local copy, read as a local run would."""
+    with run_dir.write_stage(StageRecord("shard", "demo"), {}) as out:
+        write_train(out)
+    return ShardSet.load(run_dir.root / "shard", "train")
+
+
+def epoch_of(shards: ShardSet, shuffle: str, workers: int) -> tuple[list[int], str]:
+    """Users of epoch 1 of one rank in batch order, and the windows digest."""
+    batches = (ShuffledBatches(shards, 0, 1, seed=0, batch_size=32, loader_workers=workers) if shuffle == "windows"
+               else BalancedBatches(ShardStream(shards, 0, 1, seed=0, shuffle=True, shuffle_buffer=100), 32, workers))
+    batches.set_epoch(1)
+    users = [u for batch in batches for u in batch["users"].tolist()]
+    return users, batches.digest
+
+
+def test_a_shard_set_on_a_file_uri_is_read_in_place(tmp_path):
+    uri = (tmp_path / "remote").as_uri()
+    local = write_shard_stage(RunDir(uri, cache_dir=tmp_path / "writer"))
+    reader = RunDir(uri, cache_dir=tmp_path / "reader")
+    shards = ShardSet.open(reader, "train")
+    assert isinstance(shards.fs, pafs.LocalFileSystem) and not shards.remote
+    assert shards.paths[0] == str(tmp_path / "remote" / "shard" / "train" / "train-000000.tar")
+    assert shards.counts == local.counts and np.array_equal(shards.index, local.index)
+
+    def stream(s: ShardSet) -> list[dict]:
+        return list(ShardStream(s, 0, 1, seed=0, shuffle=False))
+    got, want = stream(shards), stream(local)
+    assert [(s["key"], s["user"], s["item"]) for s in got] == [(s["key"], s["user"], s["item"]) for s in want]
+    assert all(np.array_equal(a["hist"], b["hist"]) for a, b in zip(got, want))
+    ids = np.random.default_rng(0).permutation(local.samples)
+    assert [s["user"] for s in IndexedWindows(shards).read(ids)] == [s["user"] for s in IndexedWindows(local).read(ids)]
+    assert not (tmp_path / "reader").exists()  # nothing was mirrored
+
+    shard = tmp_path / "remote" / "shard" / "train" / "train-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:-512])  # cut short by one tar block
+    with pytest.raises(DataError, match=r"shard/train/train-000003.tar: \d+ bytes, the shard stage wrote \d+: "
+                                        r"the shard is truncated"):
+        ShardSet.open(reader, "train")
+    shard.unlink()
+    with pytest.raises(DataError, match=r"train-000003.tar: shard listed in shards.json is missing"):
+        ShardSet.open(reader, "train")
+
+
+@pytest.mark.parametrize("shuffle", ["windows", "shards"])
+def test_shards_on_s3_are_read_in_place_by_forked_loader_workers(tmp_path, s3_endpoint, shuffle):
+    """Both readers over real S3 calls, in DataLoader workers forked from the process that
+    opened the set: the very samples, order and digest of the local copy."""
+    uri = s3_uri(s3_endpoint, f"inplace-{shuffle}")
+    local = write_shard_stage(RunDir(uri, cache_dir=tmp_path / "writer"))
+    shards = ShardSet.open(RunDir(uri, cache_dir=tmp_path / "reader"), "train")
+    assert shards.remote and shards.paths[0] == f"runs/inplace-{shuffle}/shard/train/train-000000.tar"
+    users, digest = epoch_of(shards, shuffle, workers=2)
+    assert sorted(users) == list(range(local.samples))
+    assert (users, digest) == epoch_of(local, shuffle, workers=2)
+    assert not (tmp_path / "reader").exists()
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
+    key = f"runs/inplace-{shuffle}/shard/train/train-000002.tar"
+    with fs.open_input_stream(key) as fh:
+        data = fh.read()
+    with fs.open_output_stream(key) as fh:  # a half-finished upload
+        fh.write(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"s3://runs/inplace-{shuffle}/shard/train/train-000002.tar: .*truncated"):
+        ShardSet.open(RunDir(uri, cache_dir=tmp_path / "reader"), "train")
+
+
+def s3_history(fs: pafs.FileSystem, run: str) -> list[dict]:
+    with fs.open_input_stream(f"runs/{run}/train/history.jsonl") as fh:
+        return [json.loads(line) for line in fh.read().decode().splitlines()]
+
+
+@pytest.mark.slow
+def test_training_on_s3_reads_the_shards_in_place_exactly_once(tmp_path, s3_endpoint, run_cli, monkeypatch):
+    """prepare, tokenize and shard on s3://; then a training node with an empty mirror trains
+    with each reader: no shard is ever copied to it, and the windows (their digest) and
+    losses equal those of the same config trained on a local copy of the run."""
+    uri = s3_uri(s3_endpoint, "inplace")
+    monkeypatch.setenv("DIFFGRM_CACHE_DIR", str(tmp_path / "builder"))
+    for stage in ("prepare", "tokenize", "shard"):
+        code, out, err = run_cli(stage, "-c", CONFIGS / "tiny.yaml", "-o", uri)
+        assert code == 0, out + err
+    local = tmp_path / "local"
+    for stage in ("prepare", "tokenize", "shard"):
+        RemoteStore(uri).download(stage, local / stage)
+
+    trainer = tmp_path / "trainer"
+    monkeypatch.setenv("DIFFGRM_CACHE_DIR", str(trainer))
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
+    for shuffle in ("windows", "shards"):
+        args = ("-c", CONFIGS / "tiny.yaml", "train.epochs=1", "train.wandb_mode=disabled", f"train.shuffle={shuffle}")
+        code, out, err = run_cli("train", "-o", uri, *args)
+        assert code == 0, out + err
+        copied = [p for p in trainer.rglob("*") if p.suffix == ".tar" or p.name == "shard"]
+        assert not copied, f"shards copied to the training node: {copied[:3]}"
+        code, out, err = run_cli("train", "-o", local, *args)
+        assert code == 0, out + err
+        remote_history = s3_history(fs, "inplace")
+        local_history = [json.loads(line) for line in (local / "train" / "history.jsonl").read_text().splitlines()]
+        assert [r["windows_digest"] for r in remote_history] == [r["windows_digest"] for r in local_history]
+        assert [r["loss"] for r in remote_history] == pytest.approx([r["loss"] for r in local_history], rel=1e-6)
+    # The training node's mirror is the one checked above: it holds what training pulled.
+    (mirror,) = (trainer / "runs").iterdir()
+    assert {p.name for p in mirror.iterdir() if p.is_dir()} == {"prepare", "tokenize", "train"}

@@ -83,15 +83,15 @@ def test_index_points_at_every_sample_and_is_deterministic(shards, tmp_path):
     assert (again / "train" / "index.npy").read_bytes() == (out / "train" / "index.npy").read_bytes()
 
 
-def test_random_access_pickles_and_caps_open_maps(shards, sample_of_user):
-    """A spawned worker gets the reader by pickle (open maps cannot travel); a capped reader
-    closes maps and reopens them and still reads the same samples."""
+def test_random_access_pickles_and_caps_open_files(shards, sample_of_user):
+    """A spawned worker gets the reader by pickle (open files cannot travel); a capped reader
+    closes files and reopens them and still reads the same samples."""
     ids = np.random.default_rng(3).permutation(N)[:300]
     reader = IndexedWindows(shards)
     expected = [s["user"] for s in reader.read(ids)]
     assert [s["user"] for s in pickle.loads(pickle.dumps(reader)).read(ids)] == expected
     capped = IndexedWindows(shards, max_open=2)
-    assert [s["user"] for s in capped.read(ids)] == expected and len(capped._maps) == 2
+    assert [s["user"] for s in capped.read(ids)] == expected and len(capped._files) == 2
     assert np.array_equal(sample_of_user[expected], ids)
 
 
