@@ -140,6 +140,9 @@ class TrainConfig:
     bucket_batches: int = 0  # >0: batches of similar history length within chunks of this many batches
     select_on: str = "sid"  # sid (released code) | item: level of the validation selection score
     valid_start_epoch: int = 1  # first epoch that validates (released code: 20, Toys 10)
+    # >0: an epoch ends after this many steps on every rank (smoke runs, scale benchmarks);
+    # the rest of the epoch's windows are not read. 0: every window, exactly once.
+    steps_per_epoch: int = field(default=0, metadata={"hash": "if_set"})
     launcher: str = "ray"  # ray | local
     num_workers: int = 1
     use_gpu: bool = False

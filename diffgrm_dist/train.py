@@ -348,7 +348,8 @@ def train_worker(config: dict[str, Any]) -> None:
     catalogue, sids = catalogue_for(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))
     train_batches = training_batches(train_set, cfg, rank, world)
     valid_queries = validation_queries(run_dir.stage_path("prepare"), cfg, rank, world)
-    engine, model, scheduler = build_engine(cfg, spec, world, len(train_batches) * cfg.train.epochs)
+    steps_per_epoch = min(len(train_batches), cfg.train.steps_per_epoch or len(train_batches))
+    engine, model, scheduler = build_engine(cfg, spec, world, steps_per_epoch * cfg.train.epochs)
     autocast = torch.autocast("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu",
                               dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16)
 
@@ -394,8 +395,10 @@ def train_worker(config: dict[str, Any]) -> None:
             loss_sum, steps, samples, spent = 0.0, 0, 0, 0.0
             train_batches.set_epoch(epoch)
         partial = None
-        bar = _progress(len(train_batches), f"epoch {epoch}", rank)
+        bar = _progress(steps_per_epoch, f"epoch {epoch}", rank)
         for batch in train_batches:
+            if steps >= steps_per_epoch:
+                break
             with autocast:
                 loss = engine(batch["history"], batch["history_mask"], batch["targets"], batch["items"])
             engine.backward(loss)
@@ -406,7 +409,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 bar.update(1)
-            if every and steps % every == 0 and steps < len(train_batches):
+            if every and steps % every == 0 and steps < steps_per_epoch:
                 save_checkpoint({"epoch": epoch - 1, "step": steps}, {
                     "epoch": epoch, "steps": steps, "loss_sum": loss_sum, "samples": samples,
                     "seconds": spent + time.perf_counter() - start, "digest": train_batches.digest})
@@ -418,7 +421,7 @@ def train_worker(config: dict[str, Any]) -> None:
         digests: list[str | None] = [None] * world
         dist.all_gather_object(digests, train_batches.digest)
         eval_model = _full_model(engine, model, cfg)
-        record = {"epoch": epoch, "loss": totals[0].item() / max(totals[1].item(), 1),
+        record = {"epoch": epoch, "steps": steps, "loss": totals[0].item() / max(totals[1].item(), 1),
                   "lr": scheduler.get_last_lr()[0], "epoch_s": seconds,
                   "samples_per_s": totals[2].item() / max(totals[3].item() / world, 1e-9),
                   # which windows this epoch trained on, in which order, on every rank

@@ -139,3 +139,16 @@ def test_killed_training_resumes_from_the_latest_checkpoint(tiny_run, tmp_path):
     history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
     assert history[:2] == saved["history"][:2]  # the epochs before the kill were not redone
+
+
+def test_steps_per_epoch_cuts_every_epoch_short(tiny_run, tmp_path, run_cli):
+    """train.steps_per_epoch: each epoch stops after that many steps, the schedule sized to it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, _, err = run_cli("train", "-c", TINY, "-o", run, "train.launcher=local", "train.epochs=2",
+                           "train.steps_per_epoch=3", "train.warmup_steps=1", "train.wandb_mode=disabled")
+    assert code == 0, err
+    history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+    full = json.loads((run / "shard" / "stats.json").read_text())["train_samples"] // 64
+    assert [r["steps"] for r in history] == [3, 3] and full > 3
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end after 6 steps
