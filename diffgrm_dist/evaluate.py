@@ -1,17 +1,23 @@
 """evaluate and recommend stages: CPD (or AR) beam search over Ray actors, Recall/NDCG@K.
 
-Test (or validation) users are cut into chunks; a pool of Ray actors, each holding one
-model replica (one GPU each where the cluster has GPUs) and the catalogue index, decodes
-them; the driver gathers rankings and per-user metric values in chunk order, so the
-result is identical to the single-process run (``eval.num_actors=1`` with
-``eval.launcher=local``). Nothing item x item is ever built: the catalogue index is linear
-in items and beams score n x K candidates per step whatever the catalogue size.
+The driver never holds the split. It cuts ``prepare/<split>.parquet`` into row ranges of
+``eval.chunk_users`` users that never cross a row group (fixed by the file, so the same
+for any number of actors); a pool of Ray actors, each holding one model replica (one GPU
+each where the cluster has GPUs) and the catalogue index, reads and decodes each range
+itself and writes it as one part of the rankings. The actor writes the part where the
+stage's temporary folder is visible from its node (one machine, a shared filesystem) and
+returns its bytes for the driver to write elsewhere. Each chunk sends back only its sums
+of per-user metric values, added in chunk order, so memory is bounded by the chunk and
+the result equals the single-process run (``eval.launcher=local``). Nothing item x item
+is ever built: the catalogue index is linear in items and beams score n x K candidates
+per step whatever the catalogue size.
 
-Outputs (``RUN_DIR/evaluate/``): ``rankings.parquet`` (``user``, ``rank`` from 1, ``item``,
-``score``; the dataset's own ids), ``metrics.json`` (``{"item": {...}, "sid": {...},
-"item.code_prob": {...}, "item.expand": {...}, "popularity": {...}}``: ``item`` is the
-configured ``eval.item_rule``, ``item.<rule>`` every rule from the same beams; plus decode
-wall time and users/s), ``stats.json``.
+Outputs (``RUN_DIR/evaluate/``): ``rankings/part-<chunk>.parquet``, one Parquet dataset
+(``pq.read_table`` of the folder reads it in user order, then rank) with ``user``,
+``rank`` from 1, ``item``, ``score`` in the dataset's own ids; ``metrics.json``
+(``{"item": {...}, "sid": {...}, "item.code_prob": {...}, "item.expand": {...},
+"popularity": {...}}``: ``item`` is the configured ``eval.item_rule``, ``item.<rule>``
+every rule from the same beams; plus decode wall time, users/s and parts), ``stats.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +38,32 @@ import torch
 from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import EvalConfig, ExperimentConfig
 from diffgrm_dist.decode import catalogue_for
-from diffgrm_dist.errors import DataError
+from diffgrm_dist.errors import ConfigError, DataError
 from diffgrm_dist.export import load_exported
+from diffgrm_dist.prepare import read_rows, row_group_starts
 from diffgrm_dist.ranking import Queries, rank_queries
+from diffgrm_dist.rundir import atomic_file
 from diffgrm_dist.sids import SidTable, load_sids
 
 log = logging.getLogger(__name__)
+
+RANKINGS = "rankings"
+
+
+def part_name(chunk: int) -> str:
+    return f"part-{chunk:06d}.parquet"
+
+
+@dataclass
+class Part:
+    """What ranking one chunk sends back: metric sums rather than per-user values, and the
+    part file's bytes only when the actor could not write it into the driver's folder."""
+
+    chunk: int
+    users: int
+    rows: int
+    sums: dict[str, float]
+    data: bytes | None
 
 
 class Ranker:
@@ -49,67 +76,113 @@ class Ranker:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        # The run's spec, not a local path: on another node this pulls the trained model.
-        self.model = load_exported(RunDir(run_dir).stage_path("train"), self.device)
+        # The run's spec, not a local path: on another node this pulls the model and the splits.
+        run = RunDir(run_dir)
+        self.model = load_exported(run.stage_path("train"), self.device)
+        self.prepare_dir = run.stage_path("prepare")
         self.sids = torch.from_numpy(sids.codes.astype(np.int64))
         self.catalogue = catalogue_for(sids)
         self.cfg, self.decoder = eval_cfg, decoder
         self.fill_order = (torch.from_numpy(np.random.default_rng(eval_cfg.seed).permutation(len(sids.sizes)))
                            if eval_cfg.fill_order == "random" else None)
+        self.item_ids: pa.Array | None = None  # O(items), read by the first chunk
 
     def node(self) -> str:
         from diffgrm_dist.raycluster import node_id
 
         return node_id()
 
-    def rank(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
+    def decode(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
         return rank_queries(self.model, queries, self.sids, self.catalogue, self.cfg, beam,
                             self.decoder, self.fill_order, self.device, self.cfg.fill_digits)
 
+    def rank(self, chunk: int, start: int, end: int, beam: int, out_dir: str) -> Part:
+        """Ranks rows ``[start, end)`` of the split into part ``chunk``: written atomically
+        (a retried chunk replaces it) under ``out_dir`` if this node sees that folder,
+        returned as bytes otherwise."""
+        queries = Queries.from_table(read_rows(self.prepare_dir / f"{self.cfg.split}.parquet", start, end))
+        result = self.decode(queries, beam)
+        table = self._rankings(queries.users, result["items"][:, :self.cfg.top_k],
+                               result["scores"][:, :self.cfg.top_k])
+        sums = {key: float(values.sum()) for key, values in result.items() if "/" in key}
+        folder, data = Path(out_dir) / RANKINGS, None
+        if folder.is_dir():
+            with atomic_file(folder / part_name(chunk)) as tmp:
+                pq.write_table(table, tmp)
+        else:
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            data = sink.getvalue().to_pybytes()
+        return Part(chunk, len(queries), table.num_rows, sums, data)
 
-def _rank_everywhere(queries: Queries, make_ranker: dict[str, Any], cfg: ExperimentConfig,
-                     beam: int) -> tuple[dict[str, np.ndarray], int, list[str]]:
-    """Runs ``Ranker.rank`` over chunks, on a Ray actor pool or in this process; returns the
-    merged results, the number of actors and the Ray node ids they ran on."""
+    def _rankings(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pa.Table:
+        """Long table, one row per (user, rank), with the dataset's own user and item ids.
+        Row u of sequences.parquet is user u and a chunk's users are ascending: only the rows
+        from its first user to its last are read."""
+        if self.item_ids is None:
+            self.item_ids = pq.read_table(self.prepare_dir / "items.parquet", columns=["item_id"])["item_id"]
+        first = int(users[0])
+        user_ids = read_rows(self.prepare_dir / "sequences.parquet", first, int(users[-1]) + 1,
+                             ["user_id"])["user_id"]
+        rows, ranks = np.nonzero(items >= 0)
+        return pa.table({"user": pc.take(user_ids, pa.array(users[rows] - first)),
+                         "rank": pa.array((ranks + 1).astype(np.int32)),
+                         "item": pc.take(self.item_ids, pa.array(items[rows, ranks])),
+                         "score": pa.array(scores[rows, ranks].astype(np.float32))})
 
-    def chunks(parts: int) -> list[tuple[int, int]]:
-        # At most 4 batches a chunk, and at least one chunk per actor.
-        size = max(1, min(cfg.eval.batch_size * 4, -(-len(queries) // parts)))
-        return [(s, min(s + size, len(queries))) for s in range(0, len(queries), size)]
 
+def chunk_bounds(split_path: Path, size: int) -> list[tuple[int, int]]:
+    """Row ranges of at most ``size`` rows, none across a row group (a chunk decodes one)."""
+    starts = row_group_starts(pq.read_metadata(split_path))
+    return [(s, min(s + size, int(hi))) for lo, hi in zip(starts[:-1], starts[1:])
+            for s in range(int(lo), int(hi), size)]
+
+
+def _rank_everywhere(bounds: list[tuple[int, int]], make_ranker: dict[str, Any], cfg: ExperimentConfig,
+                     beam: int, out: Path) -> tuple[list[Part], int, list[str], int]:
+    """Runs ``Ranker.rank`` over the chunks, on a Ray actor pool or in this process, writing
+    the parts the actors send back; returns the parts (in chunk order, without bytes), the
+    number of actors, the Ray node ids they ran on and how many parts this process wrote."""
+    folder = out / RANKINGS
+    folder.mkdir()
+    jobs = [(chunk, s, e, beam, str(out)) for chunk, (s, e) in enumerate(bounds)]
     if cfg.eval.launcher == "local":
-        bounds = chunks(1)
         ranker = Ranker(**make_ranker)
-        parts = [ranker.rank(queries.chunk(s, e), beam) for s, e in bounds]
-        actors, nodes = 0, []
-    else:
-        import ray
-        from ray.util import ActorPool
+        return [ranker.rank(*job) for job in jobs], 0, [], 0
 
-        from diffgrm_dist.raycluster import ray_session, replica_actor
+    import ray
+    from ray.util import ActorPool
 
-        with ray_session() as resources:
-            actors = cfg.eval.num_actors or max(1, resources.gpus or resources.cpus)
-            bounds = chunks(actors)
-            actors = max(1, min(actors, len(bounds)))
-            # A killed actor is restarted and its chunk retried; pool.map keeps chunk order, so
-            # every user is ranked exactly once.
-            remote, _, threads = replica_actor(Ranker, resources, actors, f"eval.num_actors={actors}")
-            shared = {key: ray.put(value) if isinstance(value, SidTable) else value
-                      for key, value in make_ranker.items()}
-            shared["threads"] = threads
-            pool_actors = [remote.remote(**shared) for _ in range(actors)]
-            nodes = sorted(set(ray.get([a.node.remote() for a in pool_actors])))
-            log.info("evaluating on %d actor(s) on %d node(s): %s", actors, len(nodes), nodes)
-            try:
-                pool = ActorPool(pool_actors)
-                parts = list(pool.map(lambda a, b: a.rank.remote(queries.chunk(*b), beam), bounds))
-            finally:
-                for actor in pool_actors:
-                    ray.kill(actor)
-    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
-    return merged, actors, nodes
+    from diffgrm_dist.raycluster import ray_session, replica_actor
+
+    parts: list[Part] = []
+    written = 0
+    with ray_session() as resources:
+        actors = cfg.eval.num_actors or max(1, resources.gpus or resources.cpus)
+        actors = max(1, min(actors, len(bounds)))
+        # A killed actor is restarted and its chunk retried (its part rewritten whole):
+        # every user is ranked exactly once.
+        remote, _, threads = replica_actor(Ranker, resources, actors, f"eval.num_actors={actors}")
+        shared = {key: ray.put(value) if isinstance(value, SidTable) else value
+                  for key, value in make_ranker.items()}
+        shared["threads"] = threads
+        pool_actors = [remote.remote(**shared) for _ in range(actors)]
+        nodes = sorted(set(ray.get([a.node.remote() for a in pool_actors])))
+        log.info("evaluating on %d actor(s) on %d node(s): %s", actors, len(nodes), nodes)
+        try:
+            for part in ActorPool(pool_actors).map_unordered(lambda a, job: a.rank.remote(*job), jobs):
+                if part.data is not None:
+                    (folder / part_name(part.chunk)).write_bytes(part.data)
+                    written += 1
+                parts.append(replace(part, data=None))
+        finally:
+            for actor in pool_actors:
+                ray.kill(actor)
+    # Left by actors killed while writing: readers skip dot files, but the manifest would list them.
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink()
+    return sorted(parts, key=lambda p: p.chunk), actors, nodes, written
 
 
 def ranker_args(cfg: ExperimentConfig, run_dir: Any) -> dict[str, Any]:
@@ -119,33 +192,41 @@ def ranker_args(cfg: ExperimentConfig, run_dir: Any) -> dict[str, Any]:
 
 
 def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, Any]:
+    if cfg.eval.chunk_users < 0:
+        raise ConfigError(f"eval.chunk_users: must be >= 0 (0: 4 batches), got {cfg.eval.chunk_users}")
     prepare_dir = run_dir.stage_path("prepare")
-    queries = Queries.from_split(prepare_dir, cfg.eval.split)
+    bounds = chunk_bounds(prepare_dir / f"{cfg.eval.split}.parquet",
+                          cfg.eval.chunk_users or 4 * cfg.eval.batch_size)
     args = ranker_args(cfg, run_dir)
     start = time.perf_counter()
-    result, actors, nodes = _rank_everywhere(queries, args, cfg, cfg.eval.beam_size)
+    parts, actors, nodes, by_driver = _rank_everywhere(bounds, args, cfg, cfg.eval.beam_size, out)
     decode_s = time.perf_counter() - start
+    users = sum(p.users for p in parts)
+    sums: dict[str, float] = {}
+    for part in parts:  # chunk order: the same float sums for any number of actors
+        for key, value in part.sums.items():
+            sums[key] = sums.get(key, 0.0) + value
     metrics: dict[str, Any] = {"item": {}, "sid": {}}
-    for key in sorted(k for k in result if "/" in k):
+    for key in sorted(sums):
         level, name = key.split("/")
-        metrics.setdefault(level, {})[name] = float(result[key].sum()) / len(queries)
+        metrics.setdefault(level, {})[name] = sums[key] / users
     metrics["popularity"] = popularity_baseline(prepare_dir, cfg.eval.split)
-    metrics.update({"split": cfg.eval.split, "users": len(queries), "beam": cfg.eval.beam_size,
+    metrics.update({"split": cfg.eval.split, "users": users, "beam": cfg.eval.beam_size,
                     "decoder": args["decoder"], "item_rule": cfg.eval.item_rule,
                     "final_step": cfg.eval.final_step,
                     "fill_order": cfg.eval.fill_order, "fill_digits": cfg.eval.fill_digits,
-                    "actors": actors, "nodes": nodes,
-                    "decode_s": round(decode_s, 3), "users_per_s": round(len(queries) / decode_s, 2)})
-    write_rankings(out / "rankings.parquet", queries.users, result["items"][:, :cfg.eval.top_k],
-                   result["scores"][:, :cfg.eval.top_k], prepare_dir)
+                    "actors": actors, "nodes": nodes, "parts": len(parts), "parts_by_driver": by_driver,
+                    "decode_s": round(decode_s, 3), "users_per_s": round(users / decode_s, 2)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    stats = {"users": len(queries), "users_per_s": metrics["users_per_s"], "decode_s": metrics["decode_s"],
+    stats = {"users": users, "users_per_s": metrics["users_per_s"], "decode_s": metrics["decode_s"],
+             "parts": len(parts),
              **{f"item_{k}": v for k, v in metrics["item"].items()},
              **{f"sid_{k}": v for k, v in metrics["sid"].items()},
              **{f"popularity_{k}": v for k, v in metrics["popularity"].items()}}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("evaluate (%s, %d users, beam %d):\n%s", cfg.eval.split, len(queries), cfg.eval.beam_size,
-             metrics_table(metrics))
+    log.info("evaluate (%s, beam %d): %d users in %.1f s, %.1f users/s, %d part(s) (%d written by the "
+             "driver), on %s:\n%s", cfg.eval.split, cfg.eval.beam_size, users, decode_s, metrics["users_per_s"],
+             len(parts), by_driver, f"{actors} actor(s)" if actors else "this process", metrics_table(metrics))
     return stats
 
 
@@ -158,20 +239,6 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     lines += [f"  {name:<18}" + "".join(f"{m[k]:>8.4f}" for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
               for name, m in rows]
     return "\n".join(lines)
-
-
-def write_rankings(path: Path, users: np.ndarray, items: np.ndarray, scores: np.ndarray,
-                   prepare_dir: Path) -> None:
-    """Long table, one row per (user, rank), with the dataset's own user and item ids."""
-    user_ids = pq.read_table(prepare_dir / "sequences.parquet", columns=["user_id"])["user_id"]
-    item_ids = pq.read_table(prepare_dir / "items.parquet", columns=["item_id"])["item_id"]
-    valid = items >= 0
-    rows, ranks = np.nonzero(valid)
-    table = pa.table({"user": pc.take(user_ids, pa.array(users[rows])),
-                      "rank": pa.array((ranks + 1).astype(np.int32)),
-                      "item": pc.take(item_ids, pa.array(items[rows, ranks])),
-                      "score": pa.array(scores[rows, ranks].astype(np.float32))})
-    pq.write_table(table, path)
 
 
 # --------------------------------------------------------------------------- recommend
@@ -195,7 +262,7 @@ def recommend(cfg: ExperimentConfig, run_dir: Any, histories: list[list[str]]) -
     queries = Queries(np.arange(len(histories)), np.asarray(offsets, np.int64),
                       np.asarray(flat, np.int64), None)
     ranker = Ranker(**ranker_args(cfg, run_dir))
-    result = ranker.rank(queries, cfg.eval.beam_size)
+    result = ranker.decode(queries, cfg.eval.beam_size)
     texts, ids = items["text"].to_pylist(), items["item_id"].to_pylist()
     return [[{"rank": r + 1, "item_id": ids[i], "score": float(s), "text": texts[i]}
              for r, (i, s) in enumerate(zip(row_items[:cfg.eval.top_k], row_scores)) if i >= 0]

@@ -48,5 +48,9 @@ def selection_score(metrics: dict[str, float]) -> float:
 
 def popularity_ranking(train_targets: np.ndarray, n_items: int, k: int) -> np.ndarray:
     """The k most frequent training targets (ties by item index): the popularity baseline."""
-    counts = np.bincount(train_targets, minlength=n_items)
+    return most_frequent(np.bincount(train_targets, minlength=n_items), k)
+
+
+def most_frequent(counts: np.ndarray, k: int) -> np.ndarray:
+    """The k indices with the largest counts, ties by index (counts summed in pieces)."""
     return np.argsort(-counts, kind="stable")[:k]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -57,10 +58,16 @@ class Queries:
 
     @classmethod
     def from_split(cls, prepare_dir: Path, split: str) -> Queries:
-        table = pq.read_table(prepare_dir / f"{split}.parquet")
+        return cls.from_table(pq.read_table(prepare_dir / f"{split}.parquet"))
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Queries:
+        """From rows of a split's table (``user``, ``history``, ``target``), which may be a
+        slice: offsets are rebased and only the slice's values taken."""
         history = table["history"].combine_chunks()
-        return cls(table["user"].to_numpy(), history.offsets.to_numpy().astype(np.int64),
-                   history.values.to_numpy().astype(np.int64), table["target"].to_numpy())
+        offsets = history.offsets.to_numpy().astype(np.int64)
+        return cls(table["user"].to_numpy(), offsets - offsets[0],
+                   history.flatten().to_numpy().astype(np.int64), table["target"].to_numpy())
 
     def padded(self, sids: torch.Tensor, max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, n) history codes left padded to the longest history here (at most

@@ -33,7 +33,7 @@ def test_console_script_runs_the_whole_pipeline(tmp_path):
         assert f"[{stage}]" in result.stdout
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert metrics["users"] == json.loads((tmp_path / "prepare" / "stats.json").read_text())["test_users"]
-    assert pq.read_metadata(tmp_path / "evaluate" / "rankings.parquet").num_rows > 0
+    assert pq.read_table(tmp_path / "evaluate" / "rankings").num_rows > 0
     # A second run finds every stage current and skips them all.
     again = subprocess.run([diffgrm_exe(), "pipeline", "-c", str(CONFIGS / "tiny.yaml"), "-o", str(tmp_path),
                             "train.epochs=2", "train.wandb_mode=offline"],

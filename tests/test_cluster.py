@@ -50,13 +50,14 @@ def test_submit_demo_pipeline_to_a_two_node_local_cluster(s3_endpoint):
                                 text=True, timeout=60)
         assert "node_head" in status.stdout and "node_worker" in status.stdout
         credentials = [f"--env={name}={value}" for name, value in S3_ENV.items()]
-        # The demo config, cut to one epoch; two of everything (and 4 embedding shards for
-        # the 1,682 items), so one of each per node.
+        # The demo config, cut to one epoch; two of everything (4 embedding shards for the
+        # 1,682 items, 2 ranking chunks for the 943 users), so one of each per node.
         job = subprocess.run(
             [str(VENV_BIN / "diffgrm"), "submit", "pipeline", "-c", "configs/demo.yaml",
              "-o", s3_uri(s3_endpoint, "demo"), "--address", f"http://127.0.0.1:{dashboard}",
              *credentials, "tokenize.num_actors=2", "tokenize.shard_items=512", "train.num_workers=2",
-             "eval.num_actors=2", "train.epochs=1", "train.wandb_mode=disabled", "eval.beam_size=32"],
+             "eval.num_actors=2", "eval.chunk_users=512", "train.epochs=1", "train.wandb_mode=disabled",
+             "eval.beam_size=32"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
         assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-2000:]
         assert "SUCCEEDED" in job.stdout
@@ -77,11 +78,15 @@ def test_submit_demo_pipeline_to_a_two_node_local_cluster(s3_endpoint):
         assert len(trained["nodes"]) == 2 and trained["epochs"] == 1
         metrics = read_json(fs, "runs/demo/evaluate/metrics.json")
         assert metrics["actors"] == 2 and len(metrics["nodes"]) == 2 and metrics["users"] == 943
+        # Both nodes see the driver's stage folder (one host): each actor wrote its own part.
+        assert metrics["parts"] == 2 and metrics["parts_by_driver"] == 0
         assert 0.0 < metrics["item"]["recall@10"] <= 1.0
-        # The worker node never saw the head's files: it pulled the shards (its training
-        # rank) and the model (its ranking actor) from S3 into its own mirror.
+        # The worker node never saw the head's files: its training rank pulled the small
+        # stages (SIDs) and read the shards in place on S3, never copying one; its ranking
+        # actor pulled the model into its own mirror.
         worker_mirror = Path(ray_tmp) / "worker" / "cache" / "runs"
-        assert next(worker_mirror.glob("demo-*/shard/manifest.json"), None) is not None
+        assert next(worker_mirror.glob("demo-*/tokenize/manifest.json"), None) is not None
+        assert not list(worker_mirror.glob("demo-*/shard")) and not list(worker_mirror.rglob("*.tar"))
         assert next(worker_mirror.glob("demo-*/train/model.safetensors"), None) is not None
     finally:
         stopped = subprocess.run(["bash", script, "stop"], env=env, cwd=ROOT, capture_output=True,

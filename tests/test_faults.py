@@ -177,11 +177,11 @@ def test_a_killed_ranking_actor_is_retried_and_every_user_is_ranked_once(tiny_ru
     args = ["evaluate", *base, "eval.num_actors=2", "eval.batch_size=8"]
     reference = subprocess.run([sys.executable, "-m", "diffgrm_dist.cli", *args], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr[-2000:]
-    want = pq.read_table(run / "evaluate" / "rankings.parquet").to_pydict()
+    want = pq.read_table(run / "evaluate" / "rankings").to_pydict()
     done, report = run_with_one_kill([*args, "--force"], "ray::Ranker.rank", delay_s=0.5)
     assert done.returncode == 0, done.stdout[-3000:]
     assert report["killed"] is not None, "the ranking finished before the kill: nothing was tested"
-    got = pq.read_table(run / "evaluate" / "rankings.parquet").to_pydict()
+    got = pq.read_table(run / "evaluate" / "rankings").to_pydict()
     assert got["user"] == want["user"] and got["item"] == want["item"]  # each user once, same order
 
 

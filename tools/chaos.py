@@ -81,7 +81,7 @@ def history(run: Path) -> list[dict]:
 def rankings(run: Path) -> dict:
     import pyarrow.parquet as pq
 
-    return pq.read_table(run / "evaluate" / "rankings.parquet", columns=["user", "rank", "item"]).to_pydict()
+    return pq.read_table(run / "evaluate" / "rankings", columns=["user", "rank", "item"]).to_pydict()
 
 
 def check(kind: str, run: Path, reference: Path) -> dict:
