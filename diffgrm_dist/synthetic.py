@@ -25,8 +25,15 @@ _BRANDS_PER_CATEGORY = 16
 _ADJECTIVES = 256
 
 
+_SYLLABLES = len(_CONSONANTS) * len(_VOWELS)
+MAX_WORDS = _SYLLABLES ** 2 + _SYLLABLES ** 3  # distinct 2-3 syllable words there are
+
+
 def _words(rng: np.random.Generator, count: int) -> list[str]:
     """Distinct pronounceable pseudo-words of 2-3 syllables."""
+    if count > MAX_WORDS:
+        raise ConfigError(f"data.synthetic.categories: {count:,} distinct words needed, only "
+                          f"{MAX_WORDS:,} exist; use fewer categories")
     words: dict[str, None] = {}
     while len(words) < count:
         syllables = rng.integers(2, 4)

@@ -98,3 +98,12 @@ def test_synthetic_generator_is_seeded_and_shaped():
     # Item text is drawn from the item's category vocabulary.
     titles = a.items["title"].to_pylist()
     assert len(set(titles)) > 1_500
+
+
+def test_synthetic_generator_refuses_more_categories_than_its_vocabulary():
+    """Each category draws its own words; past the vocabulary it would search forever."""
+    from diffgrm_dist.config import SyntheticConfig
+    from diffgrm_dist.synthetic import generate
+
+    with pytest.raises(ConfigError, match=r"data.synthetic.categories: 1,302,256 distinct words needed"):
+        generate(SyntheticConfig(items=100_000, interactions=1_000, categories=20_000))

@@ -44,7 +44,7 @@ def experiment(interactions: int, embeddings: Path, max_steps: int) -> dict:
         "name": f"scale-{interactions}",
         "data": {"format": "synthetic", "text_template": ["{title}"],
                  "synthetic": {"items": items, "interactions": interactions,
-                               "categories": max(10, items // 500), "mean_user_items": 10.0, "seed": 0}},
+                               "categories": max(10, min(items // 500, 4000)), "mean_user_items": 10.0, "seed": 0}},
         "prepare": {"max_history": 20},
         "tokenize": {"embeddings": str(embeddings), "pca_dim": 0, "digits": 4, "codebook_size": 256,
                      "fit_items": 50_000, "block_items": 65_536, "opq_iters": 5, "kmeans_iters": 10},
