@@ -2,7 +2,9 @@
 
 Writing: every window (user, history of item SIDs, target SID, target item) becomes one
 WebDataset sample; training windows are shuffled once (seeded) so every shard is a mix of
-users, then cut into shards of ``shard.samples_per_shard``. Validation and test examples go
+users, then cut into shards of ``shard.samples_per_shard``. The split is read a batch of
+rows at a time and the shuffle is external (windows spilled to files by position range,
+each sorted on reading back), so memory does not grow with the split. Validation and test examples go
 to their own shard sets. Each set also gets ``index.npy``: where every sample's bytes sit in
 its tar and its history length, for random access. ``shards.json`` lists each set's shards
 with sample counts and sha256 checksums, and its index with its checksum.
@@ -31,6 +33,7 @@ import itertools
 import json
 import os
 import random
+import struct
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -81,27 +84,78 @@ def decode_window(data: bytes, digits: int) -> dict[str, Any]:
             "hist": codes[digits:].reshape(int(header["length"]), digits)}
 
 
-def write_split(table: pa.Table, sids: np.ndarray, out: Path, split: str,
+SPILL_BUCKETS = 64  # temporary files of the external shuffle, each a contiguous range of positions
+_RECORD = struct.Struct("<qi")  # a spilled window: its position in the split, its length
+
+
+def _window_batches(source: pa.Table | Path, sids: np.ndarray, rows: int = 1 << 16) -> Iterator[list[bytes]]:
+    """The split's windows, encoded (``encode_window``), a batch of rows at a time."""
+    batches = (source.to_batches(max_chunksize=rows) if isinstance(source, pa.Table)
+               else pq.ParquetFile(source).iter_batches(batch_size=rows))
+    for batch in batches:
+        history = batch.column("history")
+        offsets = history.offsets.to_numpy()
+        flat = history.values.to_numpy()
+        users, targets = batch.column("user").to_numpy(), batch.column("target").to_numpy()
+        yield [encode_window(users[i], targets[i], sids[targets[i]], sids[flat[offsets[i]:offsets[i + 1]]])
+               for i in range(len(targets))]
+
+
+def _in_position_order(source: pa.Table | Path, sids: np.ndarray, n: int, seed: int | None,
+                       spill_dir: Path) -> Iterator[bytes]:
+    """Encoded windows in the order they go into the shards: file order, or a seeded
+    permutation. The permutation is an external shuffle: windows are spilled to
+    ``SPILL_BUCKETS`` files by position range, then each bucket is sorted and read back,
+    so memory is one bucket and a batch of rows, not the split."""
+    if seed is None:
+        for encoded in _window_batches(source, sids):
+            yield from encoded
+        return
+    order = np.random.default_rng(seed).permutation(n)  # position p holds window order[p]
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    del order
+    width = -(-n // SPILL_BUCKETS) if n else 1
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    files = [open(spill_dir / f"{b:03d}.bin", "wb") for b in range(SPILL_BUCKETS)]
+    try:
+        row = 0
+        for encoded in _window_batches(source, sids):
+            for pos, data in zip(position[row:row + len(encoded)].tolist(), encoded):
+                files[pos // width].write(_RECORD.pack(pos, len(data)) + data)
+            row += len(encoded)
+    finally:
+        for fh in files:
+            fh.close()
+    del position
+    for b in range(SPILL_BUCKETS):
+        path = spill_dir / f"{b:03d}.bin"
+        data, records, at = path.read_bytes(), [], 0
+        while at < len(data):
+            pos, size = _RECORD.unpack_from(data, at)
+            at += _RECORD.size
+            records.append((pos, data[at:at + size]))
+            at += size
+        path.unlink()
+        records.sort()
+        yield from (window for _, window in records)
+    spill_dir.rmdir()
+
+
+def write_split(source: pa.Table | Path, sids: np.ndarray, out: Path, split: str,
                 samples_per_shard: int, shuffle_seed: int | None) -> dict[str, Any]:
-    """Writes one split's windows as tar shards plus their index; returns the split's
-    manifest entry: ``samples``, ``shards`` (name, samples, sha256 each) and ``index``."""
+    """Writes one split's windows (a table, or a Parquet file read a batch at a time) as tar
+    shards plus their index; returns the split's manifest entry: ``samples``, ``shards``
+    (name, samples, sha256 each) and ``index``."""
     out.mkdir(parents=True, exist_ok=True)
-    n = table.num_rows
-    order = (np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None
-             else np.arange(n))
-    offsets = table["history"].combine_chunks().offsets.to_numpy()
-    flat = pc.list_flatten(table["history"]).to_numpy()
-    users = table["user"].to_numpy()
-    targets = table["target"].to_numpy()
+    n = source.num_rows if isinstance(source, pa.Table) else pq.ParquetFile(source).metadata.num_rows
     pattern = str(out / f"{split}-%06d.tar")
+    windows = _in_position_order(source, sids, n, shuffle_seed, out.parent / f".{split}.spill")
     # mtime fixed so the same data gives byte-identical shards.
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0,
                          format=tarfile.USTAR_FORMAT) as sink:
-        for position, row in enumerate(order):
-            history = flat[offsets[row]:offsets[row + 1]]
-            sink.write({"__key__": f"{position:010d}",
-                        "win": encode_window(users[row], targets[row], sids[targets[row]],
-                                             sids[history])})
+        for position, window in enumerate(windows):
+            sink.write({"__key__": f"{position:010d}", "win": window})
     shards = sorted(out.glob(f"{split}-*.tar"))
     counts = [min(samples_per_shard, n - i * samples_per_shard) for i in range(len(shards))]
     index_path = out / INDEX_NAME
@@ -134,9 +188,8 @@ def run_shard(cfg, run_dir, out: Path) -> dict[str, Any]:
     manifest: dict[str, Any] = {"digit_sizes": sizes, "max_history": cfg.prepare.max_history,
                                 "splits": {}}
     for split in SPLITS:
-        table = pq.read_table(prepare_dir / f"{split}.parquet")
         seed = cfg.shard.seed + cfg.seed if split == "train" else None
-        manifest["splits"][split] = write_split(table, sids, out / split, split,
+        manifest["splits"][split] = write_split(prepare_dir / f"{split}.parquet", sids, out / split, split,
                                                 cfg.shard.samples_per_shard, seed)
     (out / "shards.json").write_text(json.dumps(manifest, indent=2) + "\n")
     stats = {f"{s}_samples": manifest["splits"][s]["samples"] for s in SPLITS}
