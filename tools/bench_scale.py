@@ -54,8 +54,9 @@ def experiment(interactions: int, embeddings: Path, max_steps: int) -> dict:
         "train": {"batch_size": 1024, "epochs": 1, "steps_per_epoch": max_steps, "warmup_steps": 10,
                   "valid_start_epoch": 2, "loader_workers": 0, "wandb_mode": "disabled",
                   "autocast_bf16": True},
-        "eval": {"beam_size": 8, "valid_beam_size": 8, "batch_size": 1024, "chunk_users": 16_384,
-                 "valid_users": 1000},
+        # Two ranking actors at every size (chunks of 4,096 users: at least two even at 100k).
+        "eval": {"beam_size": 8, "valid_beam_size": 8, "batch_size": 1024, "chunk_users": 4096,
+                 "num_actors": 2, "valid_users": 1000},
     }
 
 
