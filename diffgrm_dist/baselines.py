@@ -17,7 +17,7 @@ def popularity_baseline(prepare_dir: Path, split: str) -> dict[str, float]:
     n_items = pq.read_metadata(prepare_dir / "items.parquet").num_rows
     counts = np.zeros(n_items, dtype=np.int64)
     for targets in _targets(prepare_dir / "train.parquet"):
-        counts += np.bincount(targets, minlength=n_items)
+        np.add.at(counts, targets, 1)  # O(row group), not O(items) per row group
     top = most_frequent(counts, max(KS))
     sums: dict[str, float] = {}
     users = 0

@@ -325,9 +325,9 @@ class ParquetEmbeddings:
                             line=first_row + int(np.flatnonzero(~finite)[0]) + 1, field="embedding")
         return vectors
 
-    def _batches(self) -> Iterator[tuple[int, np.ndarray]]:
+    def _batches(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         row = 0
-        for batch in self.file.iter_batches(batch_size=self.block_items, columns=["embedding"]):
+        for batch in self.file.iter_batches(batch_size=rows, columns=["embedding"]):
             yield row, self._vectors(batch.column("embedding"), row)
             row += batch.num_rows
 
@@ -337,7 +337,7 @@ class ParquetEmbeddings:
         slot = np.full(self.items, -1, dtype=np.int64)
         slot[rows] = np.arange(len(rows))
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for first, vectors in self._batches():
+        for first, vectors in self._batches(self.block_items):
             items = self.rows_item[first:first + len(vectors)]
             at = np.where(items >= 0, slot[np.maximum(items, 0)], -1)
             out[at[at >= 0]] = vectors[at >= 0]
@@ -345,8 +345,7 @@ class ParquetEmbeddings:
 
     def blocks(self, block_items: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(catalogue rows, embeddings) of consecutive file rows, catalogue items only."""
-        del block_items  # blocks follow the file's batches, set at opening
-        for first, vectors in self._batches():
+        for first, vectors in self._batches(block_items):
             items = self.rows_item[first:first + len(vectors)]
             keep = items >= 0
             yield items[keep], vectors[keep]

@@ -46,11 +46,7 @@ def selection_score(metrics: dict[str, float]) -> float:
     return 0.8 * metrics["ndcg@10"] + 0.2 * metrics["recall@10"]
 
 
-def popularity_ranking(train_targets: np.ndarray, n_items: int, k: int) -> np.ndarray:
-    """The k most frequent training targets (ties by item index): the popularity baseline."""
-    return most_frequent(np.bincount(train_targets, minlength=n_items), k)
-
-
 def most_frequent(counts: np.ndarray, k: int) -> np.ndarray:
-    """The k indices with the largest counts, ties by index (counts summed in pieces)."""
+    """The k indices with the largest counts, ties by index: with training-target counts,
+    the popularity baseline's ranking."""
     return np.argsort(-counts, kind="stable")[:k]

@@ -9,7 +9,7 @@ import torch
 from diffgrm_dist.config import ModelConfig
 from diffgrm_dist.decode import (Catalogue, LongCodeCatalogue, ar_beam_search, build_catalogue, cpd,
                                  distinct_sids, top_items)
-from diffgrm_dist.metrics import per_user, popularity_ranking, selection_score
+from diffgrm_dist.metrics import most_frequent, per_user, selection_score
 from diffgrm_dist.model import DiffGRM, SidSpec
 
 SIZES = (8, 8, 8)
@@ -282,4 +282,4 @@ def test_metrics_by_hand():
     np.testing.assert_allclose(m["ndcg@2"], [1 / np.log2(3), 0, 1])
     np.testing.assert_allclose(m["ndcg@4"], [1 / np.log2(3), 0, 1])
     assert selection_score({"ndcg@10": 0.5, "recall@10": 1.0}) == pytest.approx(0.6)
-    assert popularity_ranking(np.array([2, 2, 1, 0, 2, 1]), 4, 3).tolist() == [2, 1, 0]
+    assert most_frequent(np.bincount(np.array([2, 2, 1, 0, 2, 1]), minlength=4), 3).tolist() == [2, 1, 0]

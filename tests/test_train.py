@@ -24,6 +24,19 @@ TINY = CONFIGS / "tiny.yaml"
 DIFFGRM = str(Path(sys.executable).parent / "diffgrm")
 
 
+
+def read_history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+
+
+def train_locally(tiny_run: Path, tmp_path: Path, run_cli, *overrides: str) -> tuple[Path, list[dict]]:
+    """The train stage in this process on a copy of the tiny run; the copy and its history."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, _, err = run_cli("train", "-c", TINY, "-o", run, "train.launcher=local", *overrides)
+    assert code == 0, err
+    return run, read_history(run)
+
 def test_deepspeed_config_maps_the_train_section():
     cfg = load_config(TINY, ["train.zero_stage=2", "train.bf16=true", "train.batch_size=64",
                              "train.grad_clip=0.5", "train.lr=0.01", "train.warmup_steps=7"])
@@ -86,7 +99,7 @@ def test_zero_stage_on_two_ray_train_workers(tiny_run, tmp_path, run_cli, ray_lo
     assert code == 0, err
     stats = json.loads((run / "train" / "stats.json").read_text())
     assert stats["epochs"] == 1 and np.isfinite(stats["final_loss"])
-    history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+    history = read_history(run)
     assert history[0]["samples_per_s"] > 0
     # Every rank ran the same number of steps over disjoint halves of the data, and the
     # exported weights are complete (ZeRO-3 partitions are gathered before export).
@@ -98,12 +111,8 @@ def test_zero_stage_on_two_ray_train_workers(tiny_run, tmp_path, run_cli, ray_lo
 
 @pytest.mark.slow
 def test_local_launcher_trains_and_loss_falls(tiny_run, tmp_path, run_cli):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    code, _, err = run_cli("train", "-c", TINY, "-o", run, "train.launcher=local", "train.epochs=4",
-                           "train.patience=10", "train.lr=0.01", "train.wandb_mode=offline")
-    assert code == 0, err
-    history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+    run, history = train_locally(tiny_run, tmp_path, run_cli, "train.epochs=4", "train.patience=10",
+                                 "train.lr=0.01", "train.wandb_mode=offline")
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert history[-1]["loss"] < history[0]["loss"]
     assert (run / "train" / "curves.png").stat().st_size > 10_000
@@ -136,19 +145,15 @@ def test_killed_training_resumes_from_the_latest_checkpoint(tiny_run, tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
-    history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+    history = read_history(run)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
     assert history[:2] == saved["history"][:2]  # the epochs before the kill were not redone
 
 
 def test_steps_per_epoch_cuts_every_epoch_short(tiny_run, tmp_path, run_cli):
     """train.steps_per_epoch: each epoch stops after that many steps, the schedule sized to it."""
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    code, _, err = run_cli("train", "-c", TINY, "-o", run, "train.launcher=local", "train.epochs=2",
-                           "train.steps_per_epoch=3", "train.warmup_steps=1", "train.wandb_mode=disabled")
-    assert code == 0, err
-    history = [json.loads(line) for line in (run / "train" / "history.jsonl").read_text().splitlines()]
+    run, history = train_locally(tiny_run, tmp_path, run_cli, "train.epochs=2", "train.steps_per_epoch=3",
+                                 "train.warmup_steps=1", "train.wandb_mode=disabled")
     full = json.loads((run / "shard" / "stats.json").read_text())["train_samples"] // 64
     assert [r["steps"] for r in history] == [3, 3] and full > 3
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end after 6 steps
