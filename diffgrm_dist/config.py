@@ -90,6 +90,13 @@ class TokenizeConfig:
     opq_iters: int = 50  # faiss's default, as the released code
     kmeans_iters: int = 25
     collision: str = "expand"  # expand | extra_digit
+    # Collaborative signal in the SIDs (collaborative.py): >0 appends this many dims of
+    # training co-occurrence (PPMI + truncated SVD) to each item's text embedding before
+    # quantising; 0 = text only, as the paper. Weight: the collaborative share of the
+    # joined vector's squared norm; window: positions apart that still co-occur.
+    collaborative_dim: int = field(default=0, metadata={"hash": "if_set"})
+    collaborative_weight: float = field(default=0.5, metadata={"hash": "if_set"})
+    collaborative_window: int = field(default=5, metadata={"hash": "if_set"})
     fit_items: int = field(default=0, metadata={"hash": "if_set"})  # fit the quantiser on a seeded sample of this many training items; 0 = all
     # Items a block when every item is encoded with the fitted quantiser on the Ray actors:
     # what bounds the stage's memory, whatever the catalogue size.

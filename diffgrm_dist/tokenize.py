@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from diffgrm_dist.collaborative import JoinedEmbeddings, join, with_collaborative
 from diffgrm_dist.config import ExperimentConfig, TokenizeConfig
 from diffgrm_dist.embed import CachedEmbeddings, ParquetEmbeddings, embed_catalogue, embed_to_cache
 from diffgrm_dist.errors import DataError
@@ -42,7 +43,7 @@ from diffgrm_dist.text import render_text, template_fields
 log = logging.getLogger(__name__)
 
 # Where item embeddings come from: gather (the fit sample) and blocks (every item).
-EmbeddingSource = CachedEmbeddings | ParquetEmbeddings
+EmbeddingSource = CachedEmbeddings | ParquetEmbeddings | JoinedEmbeddings
 
 
 def digit_columns(n: int) -> list[str]:
@@ -188,6 +189,15 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
                         "re-run `diffgrm prepare`", field="item")
     source, embedding = open_embeddings(cfg, run_dir, items)
     del items
+    if tcfg.collaborative_dim:
+        start = time.perf_counter()
+        source = with_collaborative(source, prepare_dir / "valid.parquet", tcfg)
+        covered = int(np.abs(source.collaborative).sum(axis=1).astype(bool).sum())
+        embedding["collaborative"] = {"dim": tcfg.collaborative_dim, "weight": tcfg.collaborative_weight,
+                                      "window": tcfg.collaborative_window, "items_with_vector": covered,
+                                      "seconds": round(time.perf_counter() - start, 3)}
+        log.info("collaborative: %d-dim co-occurrence vectors for %d of %d items in %.1f s",
+                 tcfg.collaborative_dim, covered, source.items, embedding["collaborative"]["seconds"])
     seen, popularity = train_items(prepare_dir, source.items)
     if not seen.any():  # no training windows at all (every user has exactly 3 items)
         seen[:] = True
@@ -197,7 +207,9 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
     quantizer = Quantizer.fit(source.gather(rows), tcfg)
     fit_s = time.perf_counter() - start
     quantizer.save(out / "quantizer", extra={"model": "" if tcfg.embeddings else tcfg.model,
-                                             "collision": tcfg.collision, "pca_dim": tcfg.pca_dim})
+                                             "collision": tcfg.collision, "pca_dim": tcfg.pca_dim,
+                                             "collaborative_dim": tcfg.collaborative_dim,
+                                             "collaborative_weight": tcfg.collaborative_weight})
     codes, encoding = encode_catalogue(out / "quantizer", source, tcfg)
     assignment = assign_sids(codes, tcfg.collision, priority=popularity)
     write_sids(out / "sids.parquet", assignment.codes, assignment.collision_rank, popularity, tcfg.block_items)
@@ -209,7 +221,7 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
         "extra_digit_size": int(assignment.group_size.max()) if tcfg.collision == "extra_digit" else 0,
         "train_items": int(seen.sum()),
         "fit_items": int(len(rows)),
-        "embedding_dim": int(embedding["dim"]),
+        "embedding_dim": int(source.dim),
         "embedding": embedding,
         "embedding_s": embedding["seconds"],
         "quantizer_s": round(fit_s, 3),
@@ -278,6 +290,9 @@ def encode_new_items(cfg: ExperimentConfig, run_dir: RunDir, path: Path) -> Path
     tcfg = cfg.tokenize
     tcfg.model = meta["model"]
     embeddings, _ = embed_catalogue(texts, embedding_cache(cfg, run_dir), tcfg)
+    if meta.get("collaborative_dim"):  # new items have no co-occurrence yet: text alone
+        embeddings = join(embeddings, np.zeros((len(embeddings), meta["collaborative_dim"]), np.float32),
+                          meta["collaborative_weight"])
     codes = quantizer.encode(embeddings)
     base = load_sids(stage).codes[:, :quantizer.digits].astype(np.int64)  # without an extra digit
     combined = assign_sids(np.concatenate([base, codes]), meta["collision"])

@@ -63,6 +63,8 @@ VARIANTS = (
     Variant("diffgrm_e16", ("train.epochs=16",), "DiffGRM, 16 epochs: 2x the training budget", ("sports",)),
     Variant("extra_digit", ("tokenize.collision=extra_digit",),
             "DiffGRM, unique SIDs: the collision rank as a 5th digit, decoded like the others"),
+    Variant("diffgrm_cf", ("tokenize.collaborative_dim=64",),
+            "DiffGRM, SIDs from text + co-occurrence vectors (tokenize.collaborative_dim=64)"),
     Variant("diffgrm_seed1", ("train.seed=1",), "DiffGRM, training seed 1", ("beauty",)),
     Variant("random_fill", ("train.seed=1", "eval.fill_order=random"),
             "ablation: CPD -> a fixed random fill order (seed 1's model)", ("beauty",),
