@@ -20,6 +20,7 @@ from diffgrm_dist.config import EvalConfig
 from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, recommend_batch
 from diffgrm_dist.metrics import KS, item_and_sid_metrics
 from diffgrm_dist.model import DiffGRM
+from diffgrm_dist.prepare import row_group_starts
 from diffgrm_dist.ragged import left_pad_index
 
 
@@ -53,12 +54,26 @@ class Queries:
         their original order so the same seed gives the same sample every epoch."""
         if count <= 0 or count >= len(self):
             return self
-        rows = np.sort(np.random.default_rng(seed).choice(len(self), size=count, replace=False))
-        return self.take(rows)
+        return self.take(sample_rows(len(self), count, seed))
 
     @classmethod
     def from_split(cls, prepare_dir: Path, split: str) -> Queries:
         return cls.from_table(pq.read_table(prepare_dir / f"{split}.parquet"))
+
+    @classmethod
+    def sample_split(cls, prepare_dir: Path, split: str, count: int, seed: int) -> Queries:
+        """``from_split(...).sample(count, seed)`` read one row group at a time: memory
+        follows the sample and one row group, not the whole split (10M validation users)."""
+        file = pq.ParquetFile(prepare_dir / f"{split}.parquet")
+        total = file.metadata.num_rows
+        if count <= 0 or count >= total:
+            return cls.from_table(file.read())
+        rows = sample_rows(total, count, seed)
+        starts = row_group_starts(file.metadata)
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        parts = [file.read_row_group(int(g)).take(pa.array(rows[group_of == g] - starts[g]))
+                 for g in np.unique(group_of)]
+        return cls.from_table(pa.concat_tables(parts))
 
     @classmethod
     def from_table(cls, table: pa.Table) -> Queries:
@@ -81,6 +96,11 @@ class Queries:
         history[rows, slot] = sids[self.history[take]]
         mask[rows, slot] = True
         return history, mask
+
+
+def sample_rows(total: int, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of ``count`` of ``total`` rows, sorted (original order kept)."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
 
 
 @torch.no_grad()

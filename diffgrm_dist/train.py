@@ -311,7 +311,7 @@ def training_batches(train_set: ShardSet, cfg: ExperimentConfig, rank: int,
 
 def validation_queries(prepare_dir: Path, cfg: ExperimentConfig, rank: int, world: int) -> Queries:
     """This rank's share of the (sampled) validation users; the same users every epoch."""
-    queries = Queries.from_split(prepare_dir, "valid").sample(cfg.eval.valid_users, cfg.eval.seed)
+    queries = Queries.sample_split(prepare_dir, "valid", cfg.eval.valid_users, cfg.eval.seed)
     return queries.chunk(*split_range(len(queries), world, rank))
 
 

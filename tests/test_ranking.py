@@ -1,6 +1,8 @@
 """Queries: packed histories, seeded validation samples, batches padded to their longest history."""
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from diffgrm_dist.ranking import Queries
@@ -27,6 +29,23 @@ def test_valid_sample_is_seeded_and_the_same_every_time():
     assert sorted(a.users.tolist()) == a.users.tolist()  # original order kept
     assert any(q.sample(3, seed=s).users.tolist() != a.users.tolist() for s in range(8, 20))
     assert q.sample(0, seed=7) is q and q.sample(99, seed=7) is q  # 0 / too many: everyone
+
+
+def test_sampled_split_reads_row_groups_and_equals_sampling_the_whole_split(tmp_path):
+    """Training validation samples the split row group by row group (bounded memory); it
+    must pick the same users, histories and targets as sampling the split read whole."""
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(0, 50, rng.integers(1, 9)).tolist() for _ in range(100)]
+    pq.write_table(pa.table({"user": pa.array(np.arange(100)), "history": pa.array(histories, pa.large_list(pa.int64())),
+                             "target": pa.array(rng.integers(0, 50, 100))}), tmp_path / "valid.parquet",
+                   row_group_size=7)
+    whole = Queries.from_split(tmp_path, "valid")
+    for count in (1, 13, 60, 99):
+        expected, got = whole.sample(count, seed=3), Queries.sample_split(tmp_path, "valid", count, seed=3)
+        for name in ("users", "offsets", "history", "targets"):
+            assert getattr(got, name).tolist() == getattr(expected, name).tolist(), (count, name)
+    everyone = Queries.sample_split(tmp_path, "valid", 0, seed=3)
+    assert everyone.users.tolist() == list(range(100)) and everyone.history.tolist() == whole.history.tolist()
 
 
 def test_padded_to_the_longest_history_most_recent_last():
