@@ -292,8 +292,10 @@ class RunDir:
                 and found.get("inputs") == record.inputs)
 
     @contextlib.contextmanager
-    def write_stage(self, record: StageRecord, config: dict[str, Any]) -> Iterator[Path]:
-        """Yields a temporary folder; on success writes the manifest and renames it into place."""
+    def write_stage(self, record: StageRecord, config: dict[str, Any], mirror: bool = True) -> Iterator[Path]:
+        """Yields a temporary folder; on success writes the manifest and renames it into place.
+        For a URI run with ``mirror=False`` (stages read in place in the bucket: shards) the
+        local copy is dropped once uploaded, so the writing machine keeps no TBs of tars."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.stage_path(record.stage)
         tmp = self.root / f".{record.stage}.tmp-{uuid.uuid4().hex[:8]}"
@@ -321,6 +323,11 @@ class RunDir:
                 self.remote.delete(record.stage)
                 self.remote.upload(tmp, record.stage)
                 self.remote.write_bytes(f"{record.stage}/{MANIFEST}", text.encode())
+                if not mirror:
+                    shutil.rmtree(tmp)
+                    shutil.rmtree(final, ignore_errors=True)  # a stale mirrored copy
+                    self._pulled.pop(record.stage, None)  # a local reader would pull it afresh
+                    return
                 self._pulled[record.stage] = text.encode()
             (tmp / MANIFEST).write_text(text)
             replace_dir(tmp, final)

@@ -23,6 +23,7 @@ class Stage:
     sections: tuple[str, ...]
     upstream: tuple[str, ...]
     run: Callable[[ExperimentConfig, RunDir, Path], dict[str, Any]]
+    mirrored: bool = True  # False: a URI run's copy stays in the bucket only (read in place)
 
 
 def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def _run_evaluate(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", ("data", "prepare"), (), _run_prepare),
     Stage("tokenize", ("tokenize",), ("prepare",), _run_tokenize),
-    Stage("shard", ("shard",), ("prepare", "tokenize"), _run_shard),
+    Stage("shard", ("shard",), ("prepare", "tokenize"), _run_shard, mirrored=False),
     Stage("train", ("model", "train", "eval"), ("shard", "tokenize"), _run_train),
     Stage("evaluate", ("eval",), ("train", "tokenize", "prepare"), _run_evaluate),
 )}
@@ -114,7 +115,7 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
         stats = run_dir.read_text(name, "stats.json")
         return json.loads(stats) if stats else {}
     config = {"seed": cfg.seed, **{s: to_dict(getattr(cfg, s)) for s in stage.sections}}
-    with run_dir.write_stage(record, config) as out:
+    with run_dir.write_stage(record, config, mirror=stage.mirrored) as out:
         stats = stage.run(cfg, run_dir, out)
     log.info("%s: written to %s/%s", name, run_dir.display, name)
     return stats

@@ -53,6 +53,21 @@ def test_file_uri_stage_is_uploaded_and_pulled_by_another_mirror(tmp_path):
     assert not [p for p in again.root.iterdir() if p.name.startswith(".demo")]
 
 
+def test_a_stage_read_in_place_is_not_kept_in_the_writers_mirror(tmp_path):
+    """``mirror=False`` (the shard stage): uploaded whole, manifest last; the writer's mirror
+    keeps no copy, not even a stale one, and pulls it afresh if asked for its folder."""
+    uri = (tmp_path / "remote").as_uri()
+    writer = RunDir(uri, cache_dir=tmp_path / "node-a")
+    write_demo_stage(writer, "one")
+    assert (writer.root / "demo").is_dir()  # mirrored (the default): kept
+    with writer.write_stage(StageRecord("demo", "two"), {}, mirror=False) as out:
+        (out / "part-0.txt").write_text("two")
+    assert (tmp_path / "remote" / "demo" / "part-0.txt").read_text() == "two"
+    assert writer.manifest("demo")["config_hash"] == "two"
+    assert not [p for p in writer.root.iterdir() if "demo" in p.name]  # stale copy and temp gone
+    assert (writer.stage_path("demo") / "part-0.txt").read_text() == "two"
+
+
 def test_failed_stage_never_publishes_a_manifest(tmp_path):
     uri = (tmp_path / "remote").as_uri()
     run_dir = RunDir(uri, cache_dir=tmp_path / "cache")
@@ -223,6 +238,9 @@ def test_training_on_s3_reads_the_shards_in_place_exactly_once(tmp_path, s3_endp
     for stage in ("prepare", "tokenize", "shard"):
         code, out, err = run_cli(stage, "-c", CONFIGS / "tiny.yaml", "-o", uri)
         assert code == 0, out + err
+    # The machine that wrote the shards keeps none: they are read in place in the bucket.
+    (built,) = (tmp_path / "builder" / "runs").iterdir()
+    assert {p.name for p in built.iterdir() if p.is_dir()} == {"embeddings", "prepare", "tokenize"}
     local = tmp_path / "local"
     for stage in ("prepare", "tokenize", "shard"):
         RemoteStore(uri).download(stage, local / stage)
