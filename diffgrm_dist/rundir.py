@@ -46,8 +46,16 @@ _VERSIONED_PACKAGES = ("diffgrm-dist", "numpy", "pyarrow", "torch", "deepspeed",
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, a local path or a pyarrow filesystem URI, streamed ``chunk`` at a time."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    if is_uri(path):
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(str(path))
+        opened = filesystem.open_input_stream(inner)
+    else:
+        opened = open(path, "rb")
+    with opened as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()

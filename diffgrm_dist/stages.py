@@ -71,8 +71,6 @@ PIPELINE = tuple(STAGES)
 def embeddings_hash(path: str) -> str:
     """sha256 of a ``tokenize.embeddings`` file (path or URI), streamed; "missing" if absent,
     so the stage runs and names the file in its error."""
-    import hashlib
-
     from pyarrow import fs as pafs
 
     from diffgrm_dist.rundir import is_uri
@@ -80,11 +78,7 @@ def embeddings_hash(path: str) -> str:
     filesystem, inner = pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
     if filesystem.get_file_info(inner).type != pafs.FileType.File:
         return "missing"
-    digest = hashlib.sha256()
-    with filesystem.open_input_stream(inner) as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(path, chunk=1 << 22)[:16]
 
 
 def stage_record(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir) -> StageRecord:

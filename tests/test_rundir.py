@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from conftest import CONFIGS
-from diffgrm_dist.rundir import RunDir, StageRecord
+from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
 
 
 def test_second_run_is_skipped_and_changed_config_reruns(tmp_path, run_cli, caplog):
@@ -54,3 +54,13 @@ def test_upstream_change_invalidates_downstream(tmp_path):
 def test_relative_run_dir_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert RunDir("runs/x").root == tmp_path / "runs" / "x"
+
+
+def test_file_sha256_of_a_path_and_of_its_uri_agree(tmp_path):
+    import hashlib
+
+    path = tmp_path / "blob.bin"
+    data = bytes(range(256)) * 5000  # several chunks at chunk=4096
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert file_sha256(path, chunk=4096) == file_sha256(path.as_uri(), chunk=4096) == expected
