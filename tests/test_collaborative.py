@@ -109,10 +109,12 @@ def test_tokenize_codes_the_joined_vectors(tiny_run, tmp_path, run_cli):
     assert (again / "tokenize" / "sids.parquet").read_bytes() == (run / "tokenize" / "sids.parquet").read_bytes()
 
     # Cold start: a new item has no co-occurrence yet, so its code comes from its text alone.
+    # (Its text is embedded into this run's own cache: the shared run's cache stays as it is.)
     new = tmp_path / "new.jsonl"
     new.write_text(json.dumps({"item_id": "copy-of-0", "text": texts[0]}) + "\n")
-    code, out, err = run_cli("tokenize", "-c", TINY, "-o", run, *overrides, "--encode", new)
+    code, out, err = run_cli("tokenize", "-c", TINY, "-o", run, *overrides[:2], "--encode", new)
     assert code == 0, out + err
+    assert len(list((tiny_run / "embeddings").iterdir())) == 1
     row = pq.read_table(run / "cold_start" / "new.parquet").to_pylist()[0]
     alone = quantizer.encode(join(text[:1], np.zeros((1, 8), np.float32), 0.5))[0]
     assert [row["d0"], row["d1"], row["d2"]] == alone.tolist()
