@@ -305,7 +305,7 @@ class RunDir:
         For a URI run with ``mirror=False`` (stages read in place in the bucket: shards) the
         local copy is dropped once uploaded, so the writing machine keeps no TBs of tars."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.stage_path(record.stage)
+        final = self.root / record.stage  # replaced whole: a remote run's old copy is not pulled first
         tmp = self.root / f".{record.stage}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         start = time.perf_counter()
