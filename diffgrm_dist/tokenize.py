@@ -192,7 +192,7 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
     if tcfg.collaborative_dim:
         start = time.perf_counter()
         source = with_collaborative(source, prepare_dir / "valid.parquet", tcfg)
-        covered = int(np.abs(source.collaborative).sum(axis=1).astype(bool).sum())
+        covered = int(source.collaborative.any(axis=1).sum())
         embedding["collaborative"] = {"dim": tcfg.collaborative_dim, "weight": tcfg.collaborative_weight,
                                       "window": tcfg.collaborative_window, "items_with_vector": covered,
                                       "seconds": round(time.perf_counter() - start, 3)}
