@@ -177,8 +177,10 @@ def markdown(result: dict) -> str:
                                      f"{r.get('users', 0):,} users)" for r in rows) + " |"
     lines = [f"`{result['command']}` at commit {str(result['git']['commit'])[:7]} on {result['device']}, "
              f"{result['memory_gib']} GiB. Each cell: wall time, peak PSS of the stage's process tree "
-             "(Ray workers included).", "", head, "|---|" + "---|" * len(rows)]
-    for stage in STAGES:
+             "(Ray workers included)."]
+    if rows:
+        lines += ["", head, "|---|" + "---|" * len(rows)]
+    for stage in STAGES if rows else ():
         cells = [f"{r['stages'][stage]['wall_s']:.1f} s, {r['stages'][stage]['peak_pss_mib']:,.0f} MiB"
                  if stage in r["stages"] else "-" for r in rows]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
@@ -226,7 +228,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--prepare-only", type=int, nargs="*", default=[],
                         help="further sizes at which only the prepare stage runs")
     parser.add_argument("--max-steps", type=int, default=100, help="training steps (batches of 1024)")
