@@ -107,11 +107,17 @@ class Catalogue:
     of 256 codes: 2^24) get a packed bitset, indexed directly; larger ones (the full code)
     go into a hash table of the patterns that occur. Either way a look-up is O(1), and
     memory is a few MB of bitsets plus a table linear in items.
+
+    ``candidates_exist`` asks, per beam, about every code of every unfilled digit: for a
+    beam with digits S filled and an unfilled digit j, the codes of j that some item has
+    together with the beam's values on S. Where it fits ``child_budget`` bytes (smallest
+    first), that answer is stored as one bit row per pattern on S (``size_j`` bits): one
+    gather of the row's bytes per (beam, digit), instead of ``size_j`` pattern look-ups.
     """
 
     def __init__(self, codes: np.ndarray, sizes: tuple[int, ...],
                  collision_rank: np.ndarray | None = None, train_count: np.ndarray | None = None,
-                 dense_limit: int = 1 << 26) -> None:
+                 dense_limit: int = 1 << 26, child_budget: int = 64 << 20) -> None:
         codes = np.asarray(codes, dtype=np.int64)
         self.sizes = tuple(int(s) for s in sizes)
         n = self.digits = len(self.sizes)
@@ -148,7 +154,31 @@ class Catalogue:
         self.table = KeyTable(np.concatenate([partial, self.pattern_key(full, unique_full)]),
                               np.concatenate([np.full(len(partial), -2, np.int64),
                                               np.arange(len(unique_full), dtype=np.int64)]))
+        self._build_child_rows(codes, child_budget)
         self._t: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _build_child_rows(self, codes: np.ndarray, budget: int) -> None:
+        """``child_rows``: for (filled subset S, digit j not in S), a block of bit rows, one
+        per pattern on S (row = its within-subset index), bit c set if some item has that
+        pattern and code c at digit j; ``child_offset[S, j]`` its first byte (-1: not
+        stored, answered by ``lookup``); rows of digit j are ``row_bytes[j]`` bytes."""
+        n, subsets = self.digits, 1 << self.digits
+        self.row_bytes = np.array([(size + 7) // 8 for size in self.sizes], dtype=np.int64)
+        blocks = sorted((int(self.subset_space[s] * self.row_bytes[j]), s, j)
+                        for s in range(subsets) for j in range(n) if not s >> j & 1)
+        self.child_offset = np.full((subsets, n), -1, dtype=np.int64)
+        total = 0
+        for nbytes, s, j in blocks:
+            if total + nbytes > budget:
+                break
+            self.child_offset[s, j] = total
+            total += nbytes
+        self.child_rows = np.zeros(total + int(self.row_bytes.max()), dtype=np.uint8)  # tail: reads past the end
+        for s, j in zip(*np.nonzero(self.child_offset >= 0)):
+            lo, rows = self.child_offset[s, j], int(self.subset_space[s])
+            bits = np.zeros((rows, 8 * self.row_bytes[j]), dtype=bool)
+            bits[codes @ self.subset_strides[s], codes[:, j]] = True
+            self.child_rows[lo:lo + rows * self.row_bytes[j]] = np.packbits(bits, axis=1, bitorder="little").ravel()
 
     def __getattr__(self, name: str):  # item_offsets, item_list, item_logp, item_group, num_codes
         if name in ItemGroups.FIELDS:
@@ -175,7 +205,8 @@ class Catalogue:
         key = str(device)
         if key not in self._t:
             self._t[key] = {name: torch.from_numpy(getattr(self, name)).to(device) for name in
-                            ("subset_strides", "dense", "bit_offset", "bitset")}
+                            ("subset_strides", "dense", "bit_offset", "bitset", "child_offset", "row_bytes",
+                             "child_rows")}
             self._t[key]["bits"] = torch.tensor([1 << d for d in range(self.digits)], device=device)
             self._t[key]["sizes"] = torch.tensor(self.sizes, device=device)
         return self._t[key]
@@ -217,23 +248,32 @@ class Catalogue:
         k = max(self.sizes)
         digits = torch.arange(self.digits, device=codes.device) if digit is None else \
             torch.tensor([digit], device=codes.device)
-        new_subset = self.subset_of(filled)[..., None] | t["bits"][digits]  # (..., D)
-        strides = t["subset_strides"][new_subset]  # (..., D, n): strides in the new subsets
-        base = (codes[..., None, :] * strides * filled[..., None, :].long()).sum(-1)  # (..., D)
-        own = strides[..., torch.arange(len(digits), device=codes.device), digits]  # digit j's stride in S+j
         code = torch.arange(k, device=codes.device)
-        index = base[..., None] + own[..., None] * code
-        subset = new_subset[..., None].expand_as(index)
-        ok = ~filled[..., digits, None] & (code < t["sizes"][digits, None])
-        at = ok.reshape(-1).nonzero().squeeze(1)  # only unfilled digits' real codes are looked up
-        exists = torch.zeros(ok.numel(), dtype=torch.bool, device=codes.device)
-        exists[at] = self.lookup(subset.reshape(-1)[at], index.reshape(-1)[at]) != -1
-        exists = exists.view_as(ok)
+        ok = ~filled[..., digits, None] & (code < t["sizes"][digits, None])  # (..., D, K)
+        subset = self.subset_of(filled)
+        offset = t["child_offset"][subset[..., None], digits]  # (..., D): -1 where not stored
+        row = self.index_of(codes, filled)
+        start = torch.where(offset >= 0, offset + row[..., None] * t["row_bytes"][digits], 0)
+        width = int(self.row_bytes.max())
+        span = t["child_rows"][start[..., None] + torch.arange(width, device=codes.device)]
+        shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+        exists = ((span[..., None] >> shifts) & 1).bool().flatten(-2)[..., :k] & (offset >= 0)[..., None]
+        rest = (offset < 0) & ok.any(-1)  # (beam, digit) pairs whose block is not stored
+        if rest.any():
+            at = rest.nonzero(as_tuple=True)
+            beam_at, digit_at = at[:-1], digits[at[-1]]
+            new_subset = subset[beam_at] | t["bits"][digit_at]  # (P,)
+            strides = t["subset_strides"][new_subset]  # (P, n): strides in the new subsets
+            base = (codes[beam_at] * strides * filled[beam_at].long()).sum(-1)
+            own = strides.gather(1, digit_at[:, None])  # digit j's stride in S+j
+            index = base[:, None] + own * torch.minimum(code, t["sizes"][digit_at, None] - 1)  # in range
+            exists[at] = self.lookup(new_subset[:, None].expand_as(index), index).view(index.shape) != -1
+        exists = exists & ok
         return exists if digit is None else exists[..., 0, :]
 
     @property
     def nbytes(self) -> int:
-        return self.table.nbytes + self.bitset.nbytes + self.items.nbytes
+        return self.table.nbytes + self.bitset.nbytes + self.child_rows.nbytes + self.items.nbytes
 
 
 class ItemGroups:
@@ -487,7 +527,7 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                 allowed, dest = catalogue.candidates_exist(codes, filled), None
             if fill_order is not None:
                 allowed = allowed & (torch.arange(n, device=device) == fill_order[fills])[None, None, :, None]
-            total = torch.where(allowed, scores[..., None, None] + logp, torch.full_like(logp, NEG_INF))
+            total = (scores[..., None, None] + logp).masked_fill_(~allowed, NEG_INF)
             if fills == n - 1 and final_step == "greedy":
                 new_scores, flat = total.view(users, width, n * k).max(dim=-1)
                 pick_beam = torch.arange(width, device=device).expand(users, width)
@@ -499,7 +539,7 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                 # states remain.
                 total_flat, take = total.view(users, -1), min(beam * (fills + 1), width * n * k)
                 widest = min(16 * take, width * n * k)
-                wanted = torch.isfinite(total_flat).sum(1).clamp(max=beam)
+                wanted = None if dest is None else torch.isfinite(total_flat).sum(1).clamp(max=beam)
                 while True:
                     cand_scores, idx = total_flat.topk(take, dim=-1)
                     pick_beam, flat = idx // (n * k), idx % (n * k)
@@ -508,8 +548,7 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                         known = dest.view(users, -1).gather(1, idx)
                         key = torch.where(known >= 0, -(known + 1), key)
                     cand_scores = _drop_repeats(key, cand_scores)
-                    short = torch.isfinite(cand_scores).sum(1) < wanted
-                    if dest is None or take == widest or not short.any():
+                    if dest is None or take == widest or not (torch.isfinite(cand_scores).sum(1) < wanted).any():
                         break
                     take = min(take * 4, widest)
                 new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)

@@ -49,6 +49,32 @@ def test_catalogue_knows_exactly_the_existing_partial_patterns(codes, dense_limi
             assert found == ((s, vals) in existing), (s, vals)
 
 
+@pytest.mark.parametrize("budget", [64 << 20, 40, 0])
+def test_candidates_exist_from_stored_child_rows_equals_brute_force(budget):
+    """Stored bit rows (all, the smallest blocks only, none) answer as brute force over the
+    items, for digits of uneven sizes (rows of 1 and 2 bytes) and every filled subset."""
+    sizes = (5, 12, 3, 9)
+    rng = np.random.default_rng(1)
+    codes = np.unique(np.stack([rng.integers(0, s, 60) for s in sizes], axis=1), axis=0)
+    cat = Catalogue(codes, sizes, child_budget=budget)
+    stored = int((cat.child_offset >= 0).sum())
+    assert (stored == 32) if budget == 64 << 20 else (0 < stored < 32) if budget == 40 else stored == 0
+    beams = np.concatenate([codes[rng.integers(0, len(codes), 30)],
+                            np.stack([rng.integers(0, s, 30) for s in sizes], axis=1)])
+    for subset in range(16):
+        on = np.array([bool(subset >> d & 1) for d in range(4)])
+        expected = np.zeros((len(beams), 4, 12), dtype=bool)
+        for b, beam in enumerate(beams):
+            match = (codes[:, on] == beam[on]).all(axis=1)
+            for d in np.flatnonzero(~on):
+                expected[b, d, codes[match, d]] = True
+        filled = torch.from_numpy(on).expand(len(beams), 4)
+        got = cat.candidates_exist(torch.from_numpy(beams), filled)
+        np.testing.assert_array_equal(got.numpy(), expected, err_msg=f"subset {subset}")
+        for d in range(4):
+            assert torch.equal(cat.candidates_exist(torch.from_numpy(beams), filled, digit=d), got[:, d])
+
+
 def test_cpd_returns_only_existing_codes_sorted(codes):
     model, cat = tiny_model(), Catalogue(codes, SIZES)
     existing = set(map(tuple, codes.tolist()))

@@ -1,7 +1,7 @@
 """Benchmark of decoding, before/after in one run: CPD users/s of the baseline tree's package
 vs this checkout's, fp32 and bf16, by beam width; optionally CPD vs AR and catalogue size.
 
-Default: CPD on the reference model (d=256, 1 encoder / 4 decoder layers, 4 x 256 codes),
+Default: CPD on the reference model (d=256, 1 encoder / 4 decoder layers; `--d-model` for another), 4 x 256 codes,
 100k random items, beams 32 / 128 / 256, three rows per beam, each in a fresh subprocess
 (peak RSS is its own; ``PYTHONPATH`` selects the package, see ``benchlib.run_isolated``):
 
@@ -165,10 +165,10 @@ def compare(args, base_tree: Path | None) -> list[dict]:
     for beam in args.beams:
         mine = []
         if base_tree is not None:
-            mine.append(measure(args, base_tree, "before", beam=beam))
-        mine.append(measure(args, None, "after", beam=beam))
+            mine.append(measure(args, base_tree, "before", beam=beam, d_model=args.d_model))
+        mine.append(measure(args, None, "after", beam=beam, d_model=args.d_model))
         if not args.no_bf16:
-            mine.append(measure(args, None, "after bf16", beam=beam, bf16=True))
+            mine.append(measure(args, None, "after bf16", beam=beam, d_model=args.d_model, bf16=True))
         for r in mine:
             r["baseline_row"] = mine[0]["label"]
             r["ratio_vs_before"] = ratio(r["users_per_s"], mine[0]["users_per_s"])
@@ -176,7 +176,7 @@ def compare(args, base_tree: Path | None) -> list[dict]:
             r["same_top10_as_baseline_row"] = r["top10_first_users"] == mine[0]["top10_first_users"]
         rows += mine
     print(f"\nCPD by beam: {args.users} users (batches of {args.batch}), {args.beam_items:,} random items, "
-          f"d=256 / 4 decoder layers, 4 x 256 codes")
+          f"d={args.d_model} / {4 if args.d_model >= 256 else 2} decoder layers, 4 x 256 codes")
     print(f"{'beam':>5} {'row':<11} {'users/s':>9} {'vs before':>9} {'cpu s':>7} {'cpu vs before':>13} "
           f"{'peak RSS MiB':>13} {'same top-10':>11} {'load':>5}")
     for r in rows:
@@ -262,6 +262,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="users per decoding batch (beam rows)")
     parser.add_argument("--beam-items", type=int, default=100_000)
     parser.add_argument("--beams", type=int, nargs="+", default=[32, 128, 256])
+    parser.add_argument("--d-model", type=int, default=256,
+                        help="model width of the beam rows (below 256: 2 decoder layers); a small model "
+                             "leaves the catalogue look-ups a larger share of the time")
     parser.add_argument("--no-bf16", action="store_true", help="skip the 'after bf16' rows")
     parser.add_argument("--ar", action="store_true", help="also AR beam search vs CPD at the same beams")
     parser.add_argument("--sizes", type=int, nargs="*", default=[],
