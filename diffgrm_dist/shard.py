@@ -158,26 +158,36 @@ def write_split(source: pa.Table | Path, sids: np.ndarray, out: Path, split: str
     shards = sorted(out.glob(f"{split}-*.tar"))
     counts = [min(samples_per_shard, n - i * samples_per_shard) for i in range(len(shards))]
     index_path = out / INDEX_NAME
-    np.save(index_path, index_shards(shards, sids.shape[1]), allow_pickle=False)
+    index_shards(shards, sids.shape[1], index_path, n)
     return {"samples": n,
             "shards": [{"name": p.name, "samples": c, "sha256": file_sha256(p)}
                        for p, c in zip(shards, counts)],
             "index": {"name": INDEX_NAME, "sha256": file_sha256(index_path)}}
 
 
-def index_shards(paths: Sequence[Path], digits: int) -> np.ndarray:
+def index_shards(paths: Sequence[Path], digits: int, out: Path, samples: int) -> None:
     """Scans finished tars for every sample's data offset and size, so training can seek to
-    any sample without reading tar headers; history lengths follow from the sizes."""
-    rows = []
-    for number, path in enumerate(paths):
-        with tarfile.open(path) as tar:
-            rows += [(number, m.offset_data, m.size) for m in tar if m.name.endswith(".win")]
-    flat = np.array(rows, dtype=np.int64).reshape(-1, 3)
-    index = np.zeros(len(flat), dtype=_INDEX)
-    index["shard"], index["offset"], index["size"] = flat.T
-    # header, then ``digits`` target codes and ``length * digits`` history codes, int16 each
-    index["length"] = (index["size"] - _HEADER.itemsize) // (2 * digits) - 1
-    return index
+    any sample without reading tar headers; history lengths follow from the sizes. Writes
+    ``out`` (.npy, as ``np.save`` would) a shard at a time: memory is one shard's headers."""
+    header = {"descr": np.lib.format.dtype_to_descr(_INDEX), "fortran_order": False, "shape": (samples,)}
+    at = 0
+    with open(out, "wb") as sink:
+        np.lib.format.write_array_header_1_0(sink, header)
+        for number, path in enumerate(paths):
+            with tarfile.open(path) as tar:
+                members = [m for m in tar if m.name.endswith(".win")]
+            if at + len(members) > samples:
+                break
+            rows = np.zeros(len(members), dtype=_INDEX)
+            rows["shard"] = number
+            rows["offset"] = np.fromiter((m.offset_data for m in members), np.int64, len(members))
+            rows["size"] = np.fromiter((m.size for m in members), np.int64, len(members))
+            # header, then ``digits`` target codes and ``length * digits`` history codes, int16 each
+            rows["length"] = (rows["size"] - _HEADER.itemsize) // (2 * digits) - 1
+            sink.write(rows.tobytes())
+            at += len(members)
+    if at != samples:
+        raise ValueError(f"{out.parent}: the shards hold more or fewer than the {samples} samples written")
 
 
 def run_shard(cfg, run_dir, out: Path) -> dict[str, Any]:

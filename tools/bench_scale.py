@@ -8,7 +8,8 @@ no text model runs; the model is tiny and trains one short epoch (``train.max_st
 and evaluation ranks every test user. Each stage runs as its own ``diffgrm <stage>``
 process; its memory is the peak, sampled every 0.2 s, of the summed proportional set size
 (PSS: shared pages split between the processes that map them) of that process and all its
-children, the Ray workers it starts included. The baseline of every growth ratio is the
+children, the Ray workers it starts included; its CPU time is the user + system seconds of
+that tree (steadier than wall time on a shared machine). The baseline of every growth ratio is the
 same stage at the previous size, in the same run.
 
     python tools/bench_scale.py                          # 100k, 1M, 10M interactions
@@ -83,10 +84,13 @@ def write_embeddings(path: Path, items: int, block: int = 262_144) -> None:
 
 
 class TreeMemory:
-    """Peak summed PSS of a process and its descendants, sampled in a thread."""
+    """Peak summed PSS of a process and its descendants, and their CPU seconds (the last
+    reading of each process seen), sampled in a thread. CPU time, unlike wall time, hardly
+    depends on what else the machine runs."""
 
     def __init__(self, pid: int, every_s: float = 0.2) -> None:
         self.root, self.every_s, self.peak = psutil.Process(pid), every_s, 0
+        self.cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> user + system s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -101,15 +105,18 @@ class TreeMemory:
             for proc in procs:
                 try:
                     total += proc.memory_full_info().pss
+                    times = proc.cpu_times()
+                    self.cpu[(proc.pid, proc.create_time())] = times.user + times.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.peak = max(self.peak, total)
             self._stop.wait(self.every_s)
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """(peak PSS in MiB, CPU seconds)."""
         self._stop.set()
         self._thread.join()
-        return self.peak / 2**20
+        return self.peak / 2**20, sum(self.cpu.values())
 
 
 def run_stage(stage: str, config: Path, run_dir: Path, log: Path) -> dict:
@@ -121,12 +128,13 @@ def run_stage(stage: str, config: Path, run_dir: Path, log: Path) -> dict:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         memory = TreeMemory(proc.pid)
         code = proc.wait()
-    peak = memory.stop()
+    peak, cpu_s = memory.stop()
     seconds = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"{stage} failed (exit {code}); see {log}")
     stats = json.loads((run_dir / stage / "stats.json").read_text())
-    return {"wall_s": round(seconds, 2), "peak_pss_mib": round(peak, 1), "stats": stats}
+    return {"wall_s": round(seconds, 2), "cpu_s": round(cpu_s, 1), "peak_pss_mib": round(peak, 1),
+            "stats": stats}
 
 
 def one_size(interactions: int, work: Path, max_steps: int, stages: tuple[str, ...]) -> dict:
@@ -143,7 +151,8 @@ def one_size(interactions: int, work: Path, max_steps: int, stages: tuple[str, .
            "synthetic_embeddings_s": round(embed_s, 2), "stages": {}}
     for stage in stages:
         row["stages"][stage] = result = run_stage(stage, config, folder / "run", folder / "log.txt")
-        print(f"  {interactions:>11,} {stage:<9} {result['wall_s']:>8.1f} s {result['peak_pss_mib']:>9.0f} MiB",
+        print(f"  {interactions:>11,} {stage:<9} {result['wall_s']:>8.1f} s {result['cpu_s']:>8.1f} cpu-s "
+              f"{result['peak_pss_mib']:>9.0f} MiB",
               flush=True)
     prepare = row["stages"].get("prepare")
     if prepare:
@@ -162,6 +171,7 @@ def growth(rows: list[dict]) -> list[dict]:
             if stage in small["stages"]:
                 a, b = small["stages"][stage], big["stages"][stage]
                 entry[stage] = {"time": round(b["wall_s"] / a["wall_s"], 2),
+                                "cpu": round(b["cpu_s"] / a["cpu_s"], 2) if a.get("cpu_s") and "cpu_s" in b else None,
                                 "memory": round(b["peak_pss_mib"] / a["peak_pss_mib"], 2)}
         if "prepare" in entry:  # memory each further interaction costs, fixed overhead aside
             extra = big["stages"]["prepare"]["peak_pss_mib"] - small["stages"]["prepare"]["peak_pss_mib"]
@@ -176,13 +186,14 @@ def markdown(result: dict) -> str:
     head = "| stage | " + " | ".join(f"{r['interactions']:,} interactions ({r['items']:,} items, "
                                      f"{r.get('users', 0):,} users)" for r in rows) + " |"
     lines = [f"`{result['command']}` at commit {str(result['git']['commit'])[:7]} on {result['device']}, "
-             f"{result['memory_gib']} GiB. Each cell: wall time, peak PSS of the stage's process tree "
-             "(Ray workers included)."]
+             f"{result['memory_gib']} GiB. Each cell: wall time (CPU seconds of the stage's process "
+             "tree), peak PSS of that tree (Ray workers included)."]
     if rows:
         lines += ["", head, "|---|" + "---|" * len(rows)]
     for stage in STAGES if rows else ():
-        cells = [f"{r['stages'][stage]['wall_s']:.1f} s, {r['stages'][stage]['peak_pss_mib']:,.0f} MiB"
-                 if stage in r["stages"] else "-" for r in rows]
+        cells = [f"{r['stages'][stage]['wall_s']:.1f} s ({r['stages'][stage].get('cpu_s', float('nan')):,.0f} "
+                 f"cpu-s), {r['stages'][stage]['peak_pss_mib']:,.0f} MiB" if stage in r["stages"] else "-"
+                 for r in rows]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     if result["growth"]:
         lines += ["", "| growth | " + " | ".join(f"x{g['size_ratio']:g}: {g['from']:,} -> {g['to']:,}"
@@ -190,7 +201,8 @@ def markdown(result: dict) -> str:
                   "|---|" + "---|" * len(result["growth"])]
         for stage in STAGES:
             lines.append(f"| {stage} | " + " | ".join(
-                f"time x{g[stage]['time']:.2f}, memory x{g[stage]['memory']:.2f}" if stage in g else "-"
+                f"time x{g[stage]['time']:.2f} (cpu x{g[stage].get('cpu') or float('nan'):.2f}), "
+                f"memory x{g[stage]['memory']:.2f}" if stage in g else "-"
                 for g in result["growth"]) + " |")
     for r in result["prepare_only"]:
         p = r["stages"]["prepare"]
@@ -236,7 +248,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "scale")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{'interactions':>13} {'stage':<9} {'wall':>10} {'peak':>13}")
+    print(f"{'interactions':>13} {'stage':<9} {'wall':>10} {'cpu':>14} {'peak':>13}")
     rows = [one_size(n, args.work, args.max_steps, STAGES) for n in args.sizes]
     prepare_only = [one_size(n, args.work, args.max_steps, ("prepare",)) for n in args.prepare_only]
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git": git_info(ROOT),
