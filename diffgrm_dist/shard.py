@@ -474,9 +474,11 @@ class BalancedBatches:
 class IndexedWindows(torch.utils.data.Dataset):
     """One split's windows by sample id (their order in the shards), read through the index.
 
-    Each sample is one ranged read of its bytes: local shards are memory-mapped, shards on
-    a URI run's filesystem are opened in place, so on an object store every sample is one
-    ranged GET (``train.shuffle=shards`` is the sequential streaming reader for buckets).
+    Each sample is one ranged read of its bytes: local shards with ``pread`` (not memory
+    maps, whose pages, read around every random sample, would count as the reader's memory
+    and grow with the shards), shards on a URI run's filesystem opened in place, so on an
+    object store every sample is one ranged GET (``train.shuffle=shards`` is the sequential
+    streaming reader for buckets).
     Files are opened on first use in each process, so DataLoader workers open their own
     rather than share a parent's (forked or spawned); at most ``max_open`` stay open (each
     holds a file descriptor or a connection). Samples are decoded by ``decode_window``: no
@@ -508,7 +510,7 @@ class IndexedWindows(torch.utils.data.Dataset):
                 self._files.popitem(last=False)[1].close()
             path = self.shards.paths[shard]
             self._files[shard] = (self.shards.fs.open_input_file(path) if self.shards.remote
-                                  else pa.memory_map(path, "r"))
+                                  else pa.OSFile(path, "r"))
         return self._files[shard]
 
     def read(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
