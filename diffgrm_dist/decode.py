@@ -174,11 +174,13 @@ class Catalogue:
             self.child_offset[s, j] = total
             total += nbytes
         self.child_rows = np.zeros(total + int(self.row_bytes.max()), dtype=np.uint8)  # tail: reads past the end
-        for s, j in zip(*np.nonzero(self.child_offset >= 0)):
-            lo, rows = self.child_offset[s, j], int(self.subset_space[s])
-            bits = np.zeros((rows, 8 * self.row_bytes[j]), dtype=bool)
-            bits[codes @ self.subset_strides[s], codes[:, j]] = True
-            self.child_rows[lo:lo + rows * self.row_bytes[j]] = np.packbits(bits, axis=1, bitorder="little").ravel()
+        for s in np.flatnonzero((self.child_offset >= 0).any(axis=1)):
+            row, rows = codes @ self.subset_strides[s], int(self.subset_space[s])  # each item's row, once per S
+            for j in np.flatnonzero(self.child_offset[s] >= 0):
+                lo = self.child_offset[s, j]
+                bits = np.zeros((rows, 8 * self.row_bytes[j]), dtype=bool)
+                bits[row, codes[:, j]] = True
+                self.child_rows[lo:lo + rows * self.row_bytes[j]] = np.packbits(bits, axis=1, bitorder="little").ravel()
 
     def __getattr__(self, name: str):  # item_offsets, item_list, item_logp, item_group, num_codes
         if name in ItemGroups.FIELDS:
