@@ -83,7 +83,7 @@ def write_embeddings(path: Path, items: int, block: int = 262_144) -> None:
     tmp.rename(path)
 
 
-class TreeMemory:
+class TreeSampler:
     """Peak summed PSS of a process and its descendants, and their CPU seconds (the last
     reading of each process seen), sampled in a thread. CPU time, unlike wall time, hardly
     depends on what else the machine runs."""
@@ -126,9 +126,9 @@ def run_stage(stage: str, config: Path, run_dir: Path, log: Path) -> dict:
     start = time.perf_counter()
     with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        memory = TreeMemory(proc.pid)
+        sampler = TreeSampler(proc.pid)
         code = proc.wait()
-    peak, cpu_s = memory.stop()
+    peak, cpu_s = sampler.stop()
     seconds = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"{stage} failed (exit {code}); see {log}")
@@ -190,11 +190,11 @@ def markdown(result: dict) -> str:
              "tree), peak PSS of that tree (Ray workers included)."]
     if rows:
         lines += ["", head, "|---|" + "---|" * len(rows)]
-    for stage in STAGES if rows else ():
-        cells = [f"{r['stages'][stage]['wall_s']:.1f} s ({r['stages'][stage].get('cpu_s', float('nan')):,.0f} "
-                 f"cpu-s), {r['stages'][stage]['peak_pss_mib']:,.0f} MiB" if stage in r["stages"] else "-"
-                 for r in rows]
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        for stage in STAGES:
+            cells = [f"{r['stages'][stage]['wall_s']:.1f} s ({r['stages'][stage].get('cpu_s', float('nan')):,.0f} "
+                     f"cpu-s), {r['stages'][stage]['peak_pss_mib']:,.0f} MiB" if stage in r["stages"] else "-"
+                     for r in rows]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     if result["growth"]:
         lines += ["", "| growth | " + " | ".join(f"x{g['size_ratio']:g}: {g['from']:,} -> {g['to']:,}"
                                                for g in result["growth"]) + " |",
