@@ -159,6 +159,10 @@ class TrainConfig:
     # ZeRO-Offload: optimizer state (and its step) in CPU memory, stages 1-3. Where it lives,
     # not what it computes, so not part of the stage hash.
     offload_optimizer: bool = field(default=False, metadata={"hash": False})
+    # >0: DeepSpeed's gradient reduce / all-gather / ZeRO-3 prefetch buckets and ZeRO-3's
+    # live-parameter budget, in elements. 0 keeps DeepSpeed's (5e8 and 1e9), which pin whole
+    # models under 1e9 parameters: ZeRO-3 then holds more than ZeRO-0 (results/stress/largest).
+    zero_bucket_elements: int = field(default=0, metadata={"hash": False})
     # Fault tolerance: how a run survives, not what it computes, so not part of the stage hash.
     max_failures: int = field(default=3, metadata={"hash": False})  # Ray Train restarts from the latest checkpoint
     collective_timeout_s: int = field(default=300, metadata={"hash": False})  # survivors of a dead rank give up
@@ -218,6 +222,9 @@ class ExperimentConfig:
             raise ConfigError("prepare.max_history and prepare.min_history must be >= 1")
         if self.train.offload_optimizer and self.train.zero_stage == 0:
             raise ConfigError("train.offload_optimizer: needs train.zero_stage 1, 2 or 3")
+        if self.train.zero_bucket_elements < 0 or self.train.zero_bucket_elements % 2:
+            raise ConfigError("train.zero_bucket_elements: must be 0 (DeepSpeed's buckets) or a positive even "
+                              f"number, got {self.train.zero_bucket_elements}")
         if self.eval.fill_digits < 1:
             raise ConfigError(f"eval.fill_digits: must be >= 1, got {self.eval.fill_digits}")
         choices = {"model.decoder": (self.model.decoder, ("diffusion", "autoregressive", "dense")),

@@ -83,6 +83,7 @@ class TrainPoint:
     zero_stage: int = 0
     world_size: int = 1
     offload: bool = False  # ZeRO-Offload of the optimizer state (stages 1-3)
+    zero_bucket_elements: int = 0  # train.zero_bucket_elements (0: DeepSpeed's buckets)
     dtype: str = "float32"
 
 
@@ -181,6 +182,8 @@ def check_point(point: DecodePoint | TrainPoint, where: str) -> None:
             raise ConfigError(f"{where}.zero_stage: {point.zero_stage} is not 0-3")
         if point.offload and point.zero_stage == 0:
             raise ConfigError(f"{where}: offload needs zero_stage 1-3")
+        if point.zero_bucket_elements < 0 or point.zero_bucket_elements % 2:
+            raise ConfigError(f"{where}.zero_bucket_elements: must be 0 or a positive even number")
         if point.batch_size % point.world_size:
             raise ConfigError(f"{where}.batch_size: {point.batch_size} does not split over {point.world_size} ranks")
 
@@ -301,6 +304,7 @@ def _train_rank(rank: int, point: TrainPoint, steps: int, history: int, seed: in
     model_cfg, _ = _model(point, 1)  # sizes only; build_engine makes the model
     cfg = ExperimentConfig(seed=seed, model=model_cfg, train=TrainConfig(
         batch_size=point.batch_size, zero_stage=point.zero_stage, offload_optimizer=point.offload,
+        zero_bucket_elements=point.zero_bucket_elements,
         bf16=point.dtype == "bfloat16", warmup_steps=1, lr=1e-3))
     spec = SidSpec((point.codebook_size,) * point.digits, history)
     torch.manual_seed(seed)
@@ -502,7 +506,7 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             sweep, row, search = pending.pop(ref)
-            row.update(ray.get(ref))
+            row.update(_result(ref))
             rows.append(row)
             _log_row(row)
             if search is not None:
@@ -515,17 +519,33 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
         table["cpu_ms_per_user"] = 1000 * table["cpu_s"] / table["timed_users"]
     if "timed_samples" in table:
         table["cpu_ms_per_sample"] = 1000 * table["cpu_s"] / table["timed_samples"]
-    table = table.sort_values(["sweep", *[c for c in ("decoder", "digits", "beam", "items", "d_model",
-                                                         "decoder_layers", "zero_stage", "world_size",
-                                                         "offload", "fill_digits", "dtype") if c in table]],
-                              kind="stable").reset_index(drop=True)
+    order = ("decoder", "digits", "beam", "items", "d_model", "decoder_layers", "zero_stage", "world_size",
+             "offload", "zero_bucket_elements", "fill_digits", "dtype")
+    table = table.sort_values(["sweep", *[c for c in order if c in table]], kind="stable").reset_index(drop=True)
     stats = publish(cfg, table, out, time.perf_counter() - start)
     return stats
 
 
+def _result(ref) -> dict[str, Any]:
+    """A point's record; a point whose task Ray itself killed (its memory monitor acts when
+    the node passes RAY_memory_usage_threshold, before a limit near the node's size) is
+    recorded as such, and the sweep goes on."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.OutOfMemoryError:
+        return {"status": "oom", "limit": "Ray's memory monitor (node memory over RAY_memory_usage_threshold)",
+                "wall_s": math.nan, "peak_mem_mib": math.nan}
+    except ray.exceptions.RayError as err:
+        return {"status": "error", "limit": str(err).strip().splitlines()[0][-300:],
+                "wall_s": math.nan, "peak_mem_mib": math.nan}
+
+
 def _log_row(row: dict[str, Any]) -> None:
-    axes = {k: row[k] for k in ("decoder", "digits", "beam", "items", "d_model", "decoder_layers", "fill_digits",
-                                "zero_stage", "world_size", "offload", "dtype") if k in row}
+    names = ("decoder", "digits", "beam", "items", "d_model", "decoder_layers", "fill_digits", "zero_stage",
+             "world_size", "offload", "zero_bucket_elements", "dtype")
+    axes = {k: row[k] for k in names if k in row}
     what = (f"{row['users_per_s']:.1f} users/s" if "users_per_s" in row and row["status"] == "ok" else
             f"{row['samples_per_s']:.1f} samples/s" if "samples_per_s" in row and row["status"] == "ok" else
             f"{row['status']}: {row['limit']}")

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from diffgrm_dist.baselines import popularity_baseline
-from diffgrm_dist.config import ExperimentConfig, ModelConfig
+from diffgrm_dist.config import ExperimentConfig, ModelConfig, TrainConfig
 from diffgrm_dist.decode import CatalogueIndex, catalogue_for
 from diffgrm_dist.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights, load_exported
 from diffgrm_dist.metrics import selection_score, summarise
@@ -99,14 +99,26 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, total_steps: int) -> dic
             "total_num_steps": max(total_steps, t.warmup_steps + 1),
             "warmup_num_steps": t.warmup_steps, "warmup_min_ratio": 0.0,
             "cos_min_ratio": 0.0, "warmup_type": "linear"}},
-        "zero_optimization": {"stage": t.zero_stage, **({"offload_optimizer": {"device": "cpu"}}
-                                                         if t.offload_optimizer else {})},
+        "zero_optimization": zero_optimization(t),
         "zero_force_ds_cpu_optimizer": False,  # offload with the torch AdamW: no compiled CPU Adam
         "bf16": {"enabled": t.bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def zero_optimization(t: TrainConfig) -> dict[str, Any]:
+    """The ZeRO section: stage, optimizer offload and, when set, one bucket size for every
+    DeepSpeed buffer that otherwise defaults to 5e8-1e9 elements."""
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.zero_bucket_elements:
+        zero.update({key: t.zero_bucket_elements for key in (
+            "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters", "stage3_max_reuse_distance")})
+    return zero
 
 
 def build_engine(cfg: ExperimentConfig, spec: SidSpec, world: int, total_steps: int):
