@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import socket
@@ -534,11 +535,18 @@ def _result(ref) -> dict[str, Any]:
 
     try:
         return ray.get(ref)
-    except ray.exceptions.OutOfMemoryError:
-        return {"status": "oom", "limit": "Ray's memory monitor (node memory over RAY_memory_usage_threshold)",
-                "wall_s": math.nan, "peak_mem_mib": math.nan}
+    except ray.exceptions.OutOfMemoryError as err:
+        # Ray names the node it killed on and how full it was: "... (IP: .., ID: <hex>) was 22.4GB used / 23.5GB limit"
+        text = str(err)
+        node = re.search(r"ID: ([0-9a-f]+)\)", text)
+        used = re.search(r"was ([\d.]+\s*\w+ used / [\d.]+\s*\w+ limit)", text)
+        node_id = node.group(1) if node else ""
+        hosts = {n["NodeID"]: n["NodeManagerHostname"] for n in ray.nodes()}
+        return {"status": "oom", "limit": "Ray's memory monitor (node memory over RAY_memory_usage_threshold"
+                + (f": {used.group(1)})" if used else ")"),
+                "node_id": node_id, "hostname": hosts.get(node_id, ""), "wall_s": math.nan, "peak_mem_mib": math.nan}
     except ray.exceptions.RayError as err:
-        return {"status": "error", "limit": str(err).strip().splitlines()[0][-300:],
+        return {"status": "error", "limit": str(err).strip().splitlines()[0][-300:], "node_id": "", "hostname": "",
                 "wall_s": math.nan, "peak_mem_mib": math.nan}
 
 
@@ -596,7 +604,7 @@ def publish(cfg: StressConfig, table, out: Path, wall_s: float) -> dict[str, Any
         (tmp / "report.md").write_text(report(cfg, table, fits, plots, wall_s))
         stats = {"points": len(table), "ok": int((table["status"] == "ok").sum()),
                  "oom": int((table["status"] == "oom").sum()), "timeout": int((table["status"] == "timeout").sum()),
-                 "error": int((table["status"] == "error").sum()), "nodes": int(table["node_id"].nunique()),
+                 "error": int((table["status"] == "error").sum()), "nodes": len(set(table["node_id"]) - {""}),
                  "wall_s": round(wall_s, 1)}
         manifest = {"stage": "stress", "config_hash": section_hash(cfg), "stats": stats, "fits": fits,
                     "config": dataclasses.asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -766,7 +774,7 @@ def largest_table(cfg: StressConfig, table) -> list[dict[str, Any]]:
 
 
 def report(cfg: StressConfig, table, fits: list[dict[str, Any]], plots: list[str], wall_s: float) -> str:
-    nodes = sorted(table["node_id"].unique())
+    nodes = sorted(set(table["node_id"]) - {""})  # "" where Ray failed a point before it named a node
     lines = [f"# Stress report: {cfg.name}", "",
              f"{len(table)} points on {len(nodes)} Ray node id(s) (a node's id is new in every Ray session) "
              f"in {wall_s / 60:.1f} min; "

@@ -83,6 +83,9 @@ def test_stress_config_errors_name_the_sweep_and_field(tmp_path):
     offload = {**TINY, "sweeps": [{"name": "o", "kind": "train", "train": {"offload": True, "zero_stage": 0}}]}
     with pytest.raises(ConfigError, match="sweeps.o: offload needs zero_stage 1-3"):
         load_stress_config(write_grid(tmp_path, offload))
+    buckets = {**TINY, "sweeps": [{"name": "z", "kind": "train", "train": {"zero_bucket_elements": 3}}]}
+    with pytest.raises(ConfigError, match="sweeps.z.zero_bucket_elements: must be 0 or a positive even"):
+        load_stress_config(write_grid(tmp_path, buckets))
     decoder = {**TINY, "sweeps": [{"name": "d", "kind": "decode", "vary": {"decoder": ["dense"]}}]}
     with pytest.raises(ConfigError, match="sweeps.d.decoder: 'dense'"):
         load_stress_config(write_grid(tmp_path, decoder))
@@ -96,6 +99,24 @@ def test_shipped_stress_grids_load(path):
     cfg = load_stress_config(path)
     points = [p for sweep in cfg.sweeps for p in expand(sweep)]
     assert points and all(p.d_model > 0 for p in points)
+
+
+@pytest.mark.slow
+def test_a_point_that_rays_memory_monitor_kills_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """Near a node's size Ray's own memory monitor, not the point's limit, kills the task;
+    the sweep must record that point and finish. A threshold below what the node already
+    uses makes the monitor kill every task it sees."""
+    grid = {**TINY, "sweeps": [{"name": "killed", "kind": "decode", "decode": {"items": 2000, "d_model": 32}}]}
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "diffgrm_dist.cli", "stress", "-c", str(write_grid(tmp_path, grid)),
+                           "-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = pd.read_parquet(out / "stress.parquet").iloc[0]
+    assert row["status"] == "oom" and "Ray's memory monitor" in row["limit"] and "GB used" in row["limit"]
+    assert len(row["node_id"]) == 56 and row["hostname"]  # Ray names the node it killed the task on
+    assert "oom (Ray's memory monitor" in (out / "report.md").read_text()
 
 
 def free_port() -> int:

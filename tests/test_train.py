@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import CONFIGS
 from diffgrm_dist.config import load_config
+from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.model import SidSpec
 from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream
 from diffgrm_dist.train import build_engine, deepspeed_config, init_local_process_group, load_exported
@@ -48,6 +49,12 @@ def test_deepspeed_config_maps_the_train_section():
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 7
     assert ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert set(ds["zero_optimization"]) == {"stage"}  # DeepSpeed's own buckets unless set
+    tuned = deepspeed_config(load_config(TINY, ["train.zero_stage=3", "train.zero_bucket_elements=4096"]), 1, 10)
+    assert tuned["zero_optimization"]["stage3_max_live_parameters"] == 4096
+    assert tuned["zero_optimization"]["reduce_bucket_size"] == 4096
+    with pytest.raises(ConfigError, match="train.zero_bucket_elements: must be 0"):
+        load_config(TINY, ["train.zero_bucket_elements=-2"])
 
 
 def test_checkpoint_resume_gives_the_same_next_step_loss(tiny_run, tmp_path):
@@ -95,7 +102,9 @@ def test_zero_stage_on_two_ray_train_workers(tiny_run, tmp_path, run_cli, ray_lo
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     code, out, err = run_cli("train", "-c", TINY, "-o", run, "train.num_workers=2",
-                             f"train.zero_stage={stage}", "train.epochs=1", "train.wandb_mode=disabled")
+                             f"train.zero_stage={stage}", "train.epochs=1", "train.wandb_mode=disabled",
+                             # ZeRO-3 with buckets far smaller than the model: many reduce and prefetch rounds
+                             f"train.zero_bucket_elements={4096 if stage == 3 else 0}")
     assert code == 0, err
     stats = json.loads((run / "train" / "stats.json").read_text())
     assert stats["epochs"] == 1 and np.isfinite(stats["final_loss"])
