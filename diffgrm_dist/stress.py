@@ -604,7 +604,7 @@ def publish(cfg: StressConfig, table, out: Path, wall_s: float) -> dict[str, Any
         (tmp / "report.md").write_text(report(cfg, table, fits, plots, wall_s))
         stats = {"points": len(table), "ok": int((table["status"] == "ok").sum()),
                  "oom": int((table["status"] == "oom").sum()), "timeout": int((table["status"] == "timeout").sum()),
-                 "error": int((table["status"] == "error").sum()), "nodes": len(set(table["node_id"]) - {""}),
+                 "error": int((table["status"] == "error").sum()), "nodes": len(_node_ids(table)),
                  "wall_s": round(wall_s, 1)}
         manifest = {"stage": "stress", "config_hash": section_hash(cfg), "stats": stats, "fits": fits,
                     "config": dataclasses.asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -773,8 +773,13 @@ def largest_table(cfg: StressConfig, table) -> list[dict[str, Any]]:
     return found
 
 
+def _node_ids(table) -> list[str]:
+    """The Ray nodes the points ran on; "" is a point Ray failed before it named a node."""
+    return sorted(set(table["node_id"]) - {""})
+
+
 def report(cfg: StressConfig, table, fits: list[dict[str, Any]], plots: list[str], wall_s: float) -> str:
-    nodes = sorted(set(table["node_id"]) - {""})  # "" where Ray failed a point before it named a node
+    nodes = _node_ids(table)
     lines = [f"# Stress report: {cfg.name}", "",
              f"{len(table)} points on {len(nodes)} Ray node id(s) (a node's id is new in every Ray session) "
              f"in {wall_s / 60:.1f} min; "
