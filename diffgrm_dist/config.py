@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,7 +152,9 @@ class TrainConfig:
     # the rest of the epoch's windows are not read. 0: every window, exactly once.
     steps_per_epoch: int = field(default=0, metadata={"hash": "if_set"})
     launcher: str = "ray"  # ray | local
-    num_workers: int = 1
+    # Ray Train ranks; 0: every GPU of the cluster with use_gpu, else 1. With use_gpu each rank
+    # also gets CPU cores for its loader_workers (DataLoader processes).
+    num_workers: int = 0
     use_gpu: bool = False
     loader_workers: int = 2
     wandb_mode: str = "offline"  # offline | online | disabled
@@ -190,7 +193,9 @@ class EvalConfig:
     num_actors: int = field(default=0, metadata={"test_only": True})  # 0: from the cluster's resources
     # Users per chunk (a row range an actor reads and writes as one rankings part); 0: 4 batches.
     chunk_users: int = field(default=0, metadata={"test_only": True, "hash": False})
-    batch_size: int = 256
+    # Users per decoding batch; 0: from the device (256 on a CPU, up to 4096 on a GPU by its
+    # free memory).
+    batch_size: int = 0
     seed: int = 0
 
 
@@ -392,18 +397,41 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
             raise ConfigError(f"{origin}: {key!r} must be true/false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = _number(value)
+        if number is None or (isinstance(number, float) and not number.is_integer()):
             raise ConfigError(f"{origin}: {key!r} must be an integer, got {value!r}")
-        return value
+        return int(number)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise ConfigError(f"{origin}: {key!r} must be a number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{origin}: {key!r} must be a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{origin}: {key!r} has unsupported type {tp!r}")
+
+
+# YAML 1.1 (PyYAML) reads 3e-3 and 1e4 as strings (it wants a dot and a signed exponent);
+# numeric fields take any decimal literal YAML 1.2 or Python would read as a number.
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(value: Any) -> int | float | None:
+    """``value`` as an int or float: numbers as they are, numeric literals parsed (``1e4`` is
+    the float 10000.0, so an int field takes it as it is exact); None if not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+    return None
 
 
 def _apply_override(cfg: Any, key: str, value: str) -> None:

@@ -70,8 +70,12 @@ class KeyTable:
         with np.errstate(over="ignore"):
             return ((keys * self._MULT) >> np.int64(17)) & self.mask
 
-    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """Values for ``keys`` (any shape, int64), -1 where absent."""
+    def lookup(self, keys: torch.Tensor, sync_free: bool | None = None) -> torch.Tensor:
+        """Values for ``keys`` (any shape, int64), -1 where absent.
+
+        ``sync_free`` (default: on a GPU) runs all ``probes`` passes over every key with masks
+        instead of shrinking the pending keys: more arithmetic, but no boolean indexing, whose
+        output size the host would have to wait for at every pass. Same answers either way."""
         device = str(keys.device)
         if device not in self._torch:
             self._torch[device] = (torch.from_numpy(self.keys).to(keys.device),
@@ -80,6 +84,15 @@ class KeyTable:
         flat = keys.reshape(-1)
         slot = ((flat * int(self._MULT)) >> 17) & self.mask
         out = torch.full_like(flat, -1)
+        if keys.device.type == "cuda" if sync_free is None else sync_free:
+            done = torch.zeros_like(flat, dtype=torch.bool)
+            for _ in range(self.probes):  # a present key sits within `probes` slots of its hash
+                found = table_keys[slot]
+                hit = (found == flat) & ~done
+                out = torch.where(hit, table_values[slot], out)
+                done |= hit | (found == -1)  # an empty slot ends the search: absent
+                slot = (slot + 1) & self.mask
+            return out.view_as(keys)
         pending = torch.arange(len(flat), device=keys.device)
         for _ in range(self.probes):  # most keys resolve at the first probe
             found = table_keys[slot]
@@ -248,8 +261,7 @@ class Catalogue:
         With ``digit``, only that digit's (..., K): AR search fills one known digit a step."""
         t = self.tensors(codes.device)
         k = max(self.sizes)
-        digits = torch.arange(self.digits, device=codes.device) if digit is None else \
-            torch.tensor([digit], device=codes.device)
+        digits = torch.arange(self.digits if digit is None else digit + 1, device=codes.device)[digit:]
         code = torch.arange(k, device=codes.device)
         ok = ~filled[..., digits, None] & (code < t["sizes"][digits, None])  # (..., D, K)
         subset = self.subset_of(filled)
@@ -409,7 +421,7 @@ class LongCodeCatalogue:
                     destinations: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.tensors(codes.device)
         n, k = self.digits, max(self.sizes)
-        digits = torch.arange(n, device=codes.device) if digit is None else torch.tensor([digit], device=codes.device)
+        digits = torch.arange(n if digit is None else digit + 1, device=codes.device)[digit:]
         d = len(digits)
         shape = codes.shape[:-1]
         codes, filled = codes.reshape(-1, n), filled.reshape(-1, n)

@@ -41,7 +41,7 @@ from diffgrm_dist.decode import catalogue_for
 from diffgrm_dist.errors import ConfigError, DataError
 from diffgrm_dist.export import load_exported
 from diffgrm_dist.prepare import read_rows, row_group_starts
-from diffgrm_dist.ranking import Queries, rank_queries
+from diffgrm_dist.ranking import CPU_BATCH_USERS, MAX_BATCH_USERS, Queries, rank_queries
 from diffgrm_dist.rundir import atomic_file
 from diffgrm_dist.sids import SidTable, load_sids
 
@@ -95,7 +95,7 @@ class Ranker:
     def decode(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
         return rank_queries(self.model, queries, self.sids, self.catalogue, self.cfg, beam,
-                            self.decoder, self.fill_order, self.device, self.cfg.fill_digits)
+                            self.decoder, self.fill_order, self.cfg.fill_digits)
 
     def rank(self, chunk: int, start: int, end: int, beam: int, out_dir: str) -> Part:
         """Ranks rows ``[start, end)`` of the split into part ``chunk``: written atomically
@@ -130,6 +130,14 @@ class Ranker:
                          "rank": pa.array((ranks + 1).astype(np.int32)),
                          "item": pc.take(self.item_ids, pa.array(items[rows, ranks])),
                          "score": pa.array(scores[rows, ranks].astype(np.float32))})
+
+
+def chunk_users(cfg: EvalConfig) -> int:
+    """Users per chunk: ``eval.chunk_users``, else 4 batches (with ``eval.batch_size`` 0, of
+    the largest GPU batch when this process sees a GPU, else of the CPU batch)."""
+    if cfg.chunk_users:
+        return cfg.chunk_users
+    return 4 * (cfg.batch_size or (MAX_BATCH_USERS if torch.cuda.is_available() else CPU_BATCH_USERS))
 
 
 def chunk_bounds(split_path: Path, size: int) -> list[tuple[int, int]]:
@@ -195,8 +203,7 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, An
     if cfg.eval.chunk_users < 0:
         raise ConfigError(f"eval.chunk_users: must be >= 0 (0: 4 batches), got {cfg.eval.chunk_users}")
     prepare_dir = run_dir.stage_path("prepare")
-    bounds = chunk_bounds(prepare_dir / f"{cfg.eval.split}.parquet",
-                          cfg.eval.chunk_users or 4 * cfg.eval.batch_size)
+    bounds = chunk_bounds(prepare_dir / f"{cfg.eval.split}.parquet", chunk_users(cfg.eval))
     args = ranker_args(cfg, run_dir)
     start = time.perf_counter()
     parts, actors, nodes, by_driver = _rank_everywhere(bounds, args, cfg, cfg.eval.beam_size, out)

@@ -24,10 +24,17 @@ batch padded only to its own longest history gives the same result as one padded
 
 Cross-attention keys/values are exposed (``cross_kv``) so beam search computes them once
 per user and reuses them for every beam. No distributed code lives here.
+
+On accelerators: logits are computed in fp32 even under bf16 autocast (beam scores sum
+log-probabilities over digits, and bf16's 8-bit mantissa would round them), attention runs
+in slices of at most ``ATTENTION_BATCH_LIMIT`` (rows x heads) on a GPU because fused kernels
+reject larger grids (cuDNN failed at 256 users x 256 beams), and no method reads a tensor's value
+on the host, so a forward never waits on the device.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffgrm_dist.config import ModelConfig
+
+# Rows x heads per attention call, by device type. cuDNN's fused attention failed on an H200
+# at 65,536 rows x 4 heads and ran at 8,192 x 4 (CUDA grids stop at 65,535 blocks in their
+# y/z dimensions). CPU kernels take any batch, and slicing would move their float sums by an
+# ulp, so the CPU is not sliced.
+ATTENTION_BATCH_LIMIT: dict[str, int] = {"cuda": 1 << 15}
 
 
 @dataclass(frozen=True)
@@ -71,9 +84,25 @@ class Attention(nn.Module):
         b, t, d = x.shape
         q = self.q(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
         k, v = kv
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = sliced_attention(q, k, v, mask, causal and mask is None, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     causal: bool, dropout: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` over the batch in slices of at most the device's
+    ``ATTENTION_BATCH_LIMIT`` rows x heads (rows are independent: the same result as one call,
+    up to the kernel's float rounding)."""
+    limit = ATTENTION_BATCH_LIMIT.get(q.device.type)
+    rows = max(1, limit // q.shape[1]) if limit else q.shape[0]
+    if q.shape[0] <= rows:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+    out = []
+    for lo in range(0, q.shape[0], rows):
+        part = None if mask is None else (mask if mask.shape[0] == 1 else mask[lo:lo + rows])
+        out.append(F.scaled_dot_product_attention(q[lo:lo + rows], k[lo:lo + rows], v[lo:lo + rows],
+                                                  attn_mask=part, is_causal=causal, dropout_p=dropout))
+    return torch.cat(out)
 
 
 class MLP(nn.Module):
@@ -138,6 +167,11 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln3(x))
 
 
+def fp32(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device: the block computes in the dtype of its inputs."""
+    return torch.autocast("cuda" if x.device.type == "cuda" else "cpu", enabled=False)
+
+
 @dataclass
 class Memory:
     """Encoder output for a batch of users, in the form the decoder consumes.
@@ -161,8 +195,8 @@ class DiffGRM(nn.Module):
             raise ValueError(f"model.d_model={cfg.d_model} is not divisible by model.heads={cfg.heads}")
         self.cfg, self.spec = cfg, spec
         d, n = cfg.d_model, spec.digits
-        offsets = torch.tensor([0, *torch.tensor(spec.sizes).cumsum(0).tolist()[:-1]])
-        self.register_buffer("offsets", offsets, persistent=False)
+        self.digit_start = (0, *itertools.accumulate(spec.sizes))[:-1]  # host copy: no device read
+        self.register_buffer("offsets", torch.tensor(self.digit_start), persistent=False)
         self.pad = int(sum(spec.sizes))
         self.codes = nn.Embedding(self.pad + 1, d, padding_idx=self.pad)
         self.item_mlp = nn.Sequential(nn.Linear(n * d, d), nn.ReLU(), nn.Linear(d, d))
@@ -214,20 +248,22 @@ class DiffGRM(nn.Module):
 
     # ------------------------------------------------------------------ decoders
     def code_table(self, digit: int) -> torch.Tensor:
-        start = int(self.offsets[digit])
+        start = self.digit_start[digit]
         return self.codes.weight[start:start + self.spec.sizes[digit]]
 
     def stacked_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Slot states h (B, s, d) of digits 0..s-1 (s <= n) -> (B, s, K_max) logits against
-        each digit's code table; codes beyond a digit's size are -inf."""
+        """Slot states h (B, s, d) of digits 0..s-1 (s <= n) -> (B, s, K_max) fp32 logits
+        against each digit's code table; codes beyond a digit's size are -inf."""
         sizes = self.spec.sizes[:h.shape[1]]
-        if len(set(self.spec.sizes)) == 1:
-            table = self.codes.weight[:self.pad].view(self.spec.digits, sizes[0], -1)[:len(sizes)]
-            return torch.einsum("bnd,nkd->bnk", h, table)
-        out = h.new_full((h.shape[0], len(sizes), max(self.spec.sizes)), float("-inf"))
-        for i, size in enumerate(sizes):
-            out[:, i, :size] = h[:, i] @ self.code_table(i).T
-        return out
+        with fp32(h):
+            h = h.float()
+            if len(set(self.spec.sizes)) == 1:
+                table = self.codes.weight[:self.pad].view(self.spec.digits, sizes[0], -1)[:len(sizes)]
+                return torch.einsum("bnd,nkd->bnk", h, table.float())
+            out = h.new_full((h.shape[0], len(sizes), max(self.spec.sizes)), float("-inf"))
+            for i, size in enumerate(sizes):
+                out[:, i, :size] = h[:, i] @ self.code_table(i).float().T
+            return out
 
     def denoise(self, memory: Memory, codes: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Diffusion decoder: (R, n) codes with (R, n) bool ``masked`` -> (R, n, K_max) logits.
@@ -264,7 +300,7 @@ class DiffGRM(nn.Module):
         per slot instead of re-running the prefix."""
         rows = memory.mask.shape[0] if prev is None else prev.shape[0]
         group = rows // memory.mask.shape[0]
-        x = self.bos.expand(rows, 1, -1) if prev is None else self.codes(prev + self.offsets[step - 1])[:, None]
+        x = self.bos.expand(rows, 1, -1) if prev is None else self.codes(prev + self.digit_start[step - 1])[:, None]
         x = self.drop(x + self.digit_pos[step])
         cache = []
         for i, (block, kv) in enumerate(zip(self.decoder, memory.kv)):
@@ -272,14 +308,17 @@ class DiffGRM(nn.Module):
             cache.append(layer_kv)
         h = self.decoder_ln(x[:, 0])
         size, width = self.spec.sizes[step], max(self.spec.sizes)
-        logits = h @ self.code_table(step).T
+        with fp32(h):
+            logits = h.float() @ self.code_table(step).float().T
         if size < width:
             logits = torch.cat([logits, logits.new_full((rows, width - size), float("-inf"))], dim=1)
         return logits, cache
 
     def item_logits(self, memory: Memory) -> torch.Tensor:
-        """Dense head: (B, items) logits of every catalogue item against its learned embedding."""
-        return self.decoder_ln(memory.last) @ self.item_emb.weight.T
+        """Dense head: (B, items) fp32 logits of every catalogue item against its learned embedding."""
+        h = self.decoder_ln(memory.last)
+        with fp32(h):
+            return h.float() @ self.item_emb.weight.float().T
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,7 +19,7 @@ import torch
 from diffgrm_dist.config import EvalConfig
 from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, recommend_batch
 from diffgrm_dist.metrics import KS, item_and_sid_metrics
-from diffgrm_dist.model import DiffGRM
+from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.prepare import row_group_starts
 from diffgrm_dist.ragged import left_pad_index
 
@@ -103,22 +103,48 @@ def sample_rows(total: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
 
 
+CPU_BATCH_USERS = 256
+MAX_BATCH_USERS = 4096
+
+
+def batch_users(cfg: EvalConfig, device: torch.device, beam: int, spec: SidSpec) -> int:
+    """Users per decoding batch: ``eval.batch_size``, or when it is 0, 256 on a CPU and on a
+    GPU the largest power of two (at most 4096) whose beam search tensors (about 32 bytes per
+    beam x digit x code, or per catalogue item for the dense head) fit a third of free memory."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    if device.type != "cuda":
+        return CPU_BATCH_USERS
+    free, _ = torch.cuda.mem_get_info(device)
+    per_user = 32 * max(beam * spec.digits * max(spec.sizes), spec.items)
+    fits = max(1, free // 3 // per_user)
+    return int(min(MAX_BATCH_USERS, 1 << (fits.bit_length() - 1)))
+
+
 @torch.no_grad()
 def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: CatalogueIndex,
                  cfg: EvalConfig, beam: int, decoder: str, fill_order: torch.Tensor | None = None,
-                 device: str = "cpu", fill_digits: int = 1) -> dict[str, np.ndarray]:
+                 fill_digits: int = 1) -> dict[str, np.ndarray]:
     """Top-k items (under ``cfg.item_rule``), their scores and the top distinct SIDs per user;
     with targets, per-user metric values keyed ``item/…`` (the configured rule), ``sid/…``,
     and ``item.<rule>/…`` for every item rule (one beam search serves them all). ``fill_order``
-    and ``fill_digits`` are test-time decoding options (training validates without them)."""
+    and ``fill_digits`` are test-time decoding options (training validates without them).
+    Batches are decoded on the model's device (GPU, CPU), whatever device the caller is on."""
+    device = next(model.parameters()).device
+    pinned = device.type == "cuda"
+    size = batch_users(cfg, device, beam, model.spec)
     k = max(cfg.top_k, max(KS))
     rules = (cfg.item_rule,) if decoder == "dense" else ITEM_RULES
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(queries), cfg.batch_size):
-        part = queries.chunk(start, min(start + cfg.batch_size, len(queries)))
-        history, mask = part.padded(sids, model.spec.max_history)
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            ranked = recommend_batch(model, history.to(device), mask.to(device), catalogue, beam, k,
+    if fill_order is not None:
+        fill_order = fill_order.to(device)
+    for start in range(0, len(queries), size):
+        part = queries.chunk(start, min(start + size, len(queries)))
+        history, mask = (t.pin_memory() if pinned else t for t in part.padded(sids, model.spec.max_history))
+        with torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16,
+                            enabled=cfg.autocast_bf16):
+            ranked = recommend_batch(model, history.to(device, non_blocking=True),
+                                     mask.to(device, non_blocking=True), catalogue, beam, k,
                                      decoder, cfg.final_step, fill_order, rules, fill_digits)
         main = ranked[cfg.item_rule]
         for key, value in (("items", main.items), ("scores", main.scores), ("groups", main.groups)):

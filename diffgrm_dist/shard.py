@@ -435,9 +435,10 @@ class BalancedBatches:
     runs out before the others and no sample is dropped or repeated.
     """
 
-    def __init__(self, stream: ShardStream, batch_size: int, loader_workers: int) -> None:
+    def __init__(self, stream: ShardStream, batch_size: int, loader_workers: int,
+                 pin_memory: bool = False) -> None:
         self.stream, self.batch_size = stream, batch_size
-        self.workers = loader_workers
+        self.workers, self.pin_memory = loader_workers, pin_memory
         self.steps = epoch_steps(stream.shards.samples, stream.world, batch_size)
         self.skip, self.digest = 0, ""
 
@@ -463,7 +464,8 @@ class BalancedBatches:
                 continue
             keys = "\n".join(sample["key"] for sample in batch)
             self.digest = hashlib.sha256((self.digest + keys).encode()).hexdigest()
-            yield collate(batch, self.stream.shards.max_history, digits)
+            collated = collate(batch, self.stream.shards.max_history, digits)
+            yield {key: value.pin_memory() for key, value in collated.items()} if self.pin_memory else collated
         for leftover in it:  # the stream and the plan disagree: a bug, not a data problem
             raise RuntimeError(f"rank {self.stream.rank}: sample {leftover['key']} beyond the plan")
 
@@ -558,8 +560,9 @@ class ShuffledBatches:
     read and collate whole batches, handed out in the plan's order."""
 
     def __init__(self, shards: ShardSet, rank: int, world: int, seed: int, batch_size: int,
-                 loader_workers: int, bucket_batches: int = 0) -> None:
+                 loader_workers: int, bucket_batches: int = 0, pin_memory: bool = False) -> None:
         self.windows = IndexedWindows(shards)
+        self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
         self.rank, self.world, self.seed, self.batch_size = rank, world, seed, batch_size
         self.workers, self.bucket_batches = loader_workers, bucket_batches
         self.epoch, self.skip = 0, 0
@@ -586,7 +589,7 @@ class ShuffledBatches:
                                     digits=len(shards.digit_sizes))
         plan = self.plan()[self.skip:]
         loader = torch.utils.data.DataLoader(self.windows, batch_sampler=plan, num_workers=self.workers,
-                                             collate_fn=batcher)
+                                             collate_fn=batcher, pin_memory=self.pin_memory)
         for ids, batch in zip(plan, loader):
             # A chained digest of the window ids handed out, batch by batch: the same after a
             # resume as without one, and carried across the resume as a string.

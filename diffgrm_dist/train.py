@@ -53,7 +53,7 @@ from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.objectives import AutoregressiveObjective, DenseObjective, DiffusionObjective, no_dropout
 from diffgrm_dist.ranking import Queries, rank_queries
-from diffgrm_dist.raycluster import quiet_library_logs
+from diffgrm_dist.raycluster import ClusterResources, cpus_per_worker, quiet_library_logs
 from diffgrm_dist.rundir import RunDir, file_sha256
 from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, ShuffledBatches, split_range
 from diffgrm_dist.sids import load_sids
@@ -141,23 +141,59 @@ def build_engine(cfg: ExperimentConfig, spec: SidSpec, world: int, total_steps: 
     return engine, model, scheduler
 
 
-def init_local_process_group() -> None:
-    """A one-rank gloo process group, as DeepSpeed needs, without a launcher."""
+def training_device(cfg: ExperimentConfig, launcher: str) -> torch.device:
+    """This rank's device: its GPU with ``train.use_gpu`` (Ray Train's assignment, or GPU 0 of
+    the local process), else the CPU, even on a host with GPUs."""
+    if not cfg.train.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log.warning("train.use_gpu=true but torch sees no GPU here: training on the CPU")
+        return torch.device("cpu")
+    if launcher == "ray":
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def use_device(device: torch.device) -> None:
+    """Points DeepSpeed (and torch's current CUDA device) at ``device`` before the engine is
+    built: DeepSpeed picks CUDA whenever torch sees a GPU, so a CPU run on a GPU host must say
+    so; on the CPU it also skips the shared-memory op DeepSpeed would compile (40 s of g++)."""
+    os.environ["DS_ACCELERATOR"] = device.type  # read when DeepSpeed first resolves it
+    accelerator = importlib.import_module("deepspeed.accelerator.real_accelerator")
+    current = accelerator.ds_accelerator
+    if current is not None and current.device_name() != device.type:  # resolved earlier in this process
+        if device.type == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        accelerator.set_accelerator(Accelerator())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_local_process_group(device: torch.device | None = None) -> None:
+    """A one-rank process group, as DeepSpeed needs, without a launcher: gloo for CPU tensors
+    and, on a GPU, NCCL for CUDA tensors in the same group."""
     import deepspeed
 
-    _skip_cpu_shm_build()
+    device = device or torch.device("cpu")
+    use_device(device)
     if not dist.is_initialized():
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def _skip_cpu_shm_build() -> None:
     """DeepSpeed compiles a shared-memory comm op (40 s of g++) on first CPU init; gloo
-    does not need it."""
+    does not need it (used by the stress harness, which builds engines without a trainer)."""
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        use_device(torch.device("cpu"))
 
 
 def _free_port() -> int:
@@ -176,23 +212,39 @@ def write_checksums(folder: Path, rank: int) -> None:
     (folder / f"{CHECKSUMS_PREFIX}{rank}.json").write_text(json.dumps(sums, indent=1) + "\n")
 
 
-def save_partial(folder: Path, rank: int, progress: dict[str, Any] | None) -> None:
-    """This rank's RNG (dropout, noising) and, mid-epoch, its progress: a resumed run
-    continues with the very random numbers and windows the uninterrupted one would use."""
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random number generators training draws from: torch's CPU generator and, on a
+    GPU, that device's (dropout and noising masks are drawn there)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_partial(folder: Path, rank: int, progress: dict[str, Any] | None,
+                 device: torch.device | None = None) -> None:
+    """This rank's RNG (dropout, noising; CPU and GPU) and, mid-epoch, its progress: a resumed
+    run continues with the very random numbers and windows the uninterrupted one would use."""
     from safetensors.torch import save_file
 
-    save_file({"torch": torch.get_rng_state()}, str(folder / f"rng.rank{rank}.safetensors"))
+    save_file(rng_state(device or torch.device("cpu")), str(folder / f"rng.rank{rank}.safetensors"))
     if progress is not None:
         (folder / f"{PARTIAL_PREFIX}{rank}.json").write_text(json.dumps(progress))
 
 
-def load_partial(folder: Path, rank: int) -> dict[str, Any] | None:
+def load_partial(folder: Path, rank: int, device: torch.device | None = None) -> dict[str, Any] | None:
     """Restores this rank's RNG from a checkpoint; returns its mid-epoch progress, if any."""
     from safetensors.torch import load_file
 
     rng = folder / f"rng.rank{rank}.safetensors"
     if rng.is_file():
-        torch.set_rng_state(load_file(str(rng))["torch"])
+        restore_rng(load_file(str(rng)), device or torch.device("cpu"))
     path = folder / f"{PARTIAL_PREFIX}{rank}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -297,18 +349,77 @@ class RayReporter:
 @torch.no_grad()
 def validate(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: CatalogueIndex,
              cfg: ExperimentConfig, beam: int) -> dict[str, float]:
-    """Item- and SID-level Recall/NDCG@5/10 of this rank's users, summed over all ranks."""
+    """Item- and SID-level Recall/NDCG@5/10 of this rank's users (ranked on the model's
+    device), summed over all ranks."""
     with no_dropout(model):
         values = rank_queries(model, queries, sids, catalogue, cfg.eval, beam, cfg.model.decoder)
     names = sorted(k for k in values if "/" in k)
-    totals = torch.tensor([len(queries), *[float(values[k].sum()) for k in names]], dtype=torch.float64)
+    totals = sum_over_ranks([len(queries), *[float(values[k].sum()) for k in names]],
+                            next(model.parameters()).device)
+    return summarise(dict(zip(names, totals[1:])), int(totals[0]))
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over all ranks, as float64 on ``device``: an NCCL group reduces only
+    CUDA tensors, gloo only CPU ones, so the tensor goes where the rank trains."""
+    totals = torch.as_tensor(values, dtype=torch.float64).to(device)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return summarise(dict(zip(names, totals[1:].tolist())), int(totals[0]))
+    return totals.cpu().tolist()
 
 
-def training_batches(train_set: ShardSet, cfg: ExperimentConfig, rank: int,
-                     world: int) -> ShuffledBatches | BalancedBatches:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on the training device; from pinned memory the copies overlap compute."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def train_step(engine: Any, batch: dict[str, torch.Tensor], autocast: torch.autocast) -> torch.Tensor:
+    """One optimiser step on a batch; returns the loss, detached and left on the device (reading
+    it would make the host wait for the step)."""
+    batch = to_device(batch, engine.device)
+    with autocast:
+        loss = engine(batch["history"], batch["history_mask"], batch["targets"], batch["items"])
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+def master_weights(model: DiffGRM) -> dict[str, torch.Tensor]:
+    """The model's weights for export, in fp32 on the CPU: DeepSpeed's fp32 master copies where
+    it keeps them (bf16 training, ZeRO 1-3), not the bf16 copies the forward runs on. Every
+    rank must call it: assembling a partitioned master copy is a collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, value in model.state_dict().items():
+        master = safe_get_full_fp32_param(params[name]) if name in params else None
+        out[name] = (value if master is None else master).detach().float().cpu().clone()
+    return out
+
+
+PAPER_EPOCHS = 100  # the paper's cap (the released code: 200)
+RELEASED_WARMUP = 10_000  # the released recipe's warm-up steps
+
+
+def schedule_warning(cfg: TrainConfig, total_steps: int) -> str | None:
+    """One line when the learning-rate schedule is not the one the recipe's peak assumes: a
+    warm-up longer than the run, or a run cut short of the paper's epochs."""
+    problems = []
+    if cfg.warmup_steps > total_steps:
+        problems.append(f"train.warmup_steps={cfg.warmup_steps} is more than the run's {total_steps} steps, "
+                        f"so the learning rate never reaches train.lr={cfg.lr:g}")
+    if cfg.epochs < PAPER_EPOCHS:
+        problems.append(f"train.epochs={cfg.epochs} cuts the schedule short of the paper's {PAPER_EPOCHS} "
+                        f"(the cosine decay is compressed into {total_steps} steps)")
+    if not problems:
+        return None
+    return ("; ".join(problems) + f". The released recipe warms up {RELEASED_WARMUP:,} steps; a peak of 1e-2 "
+            "needs that long warm-up (with 400 steps it diverged on Beauty), a short one a lower train.lr (3e-3)")
+
+
+def training_batches(train_set: ShardSet, cfg: ExperimentConfig, rank: int, world: int,
+                     pin_memory: bool = False) -> ShuffledBatches | BalancedBatches:
     """This rank's batches of training windows for the epoch set by ``set_epoch``:
     ``windows`` reshuffles every window each epoch (random access through the shard index),
     ``shards`` streams the epoch's shard order through a shuffle buffer."""
@@ -316,9 +427,10 @@ def training_batches(train_set: ShardSet, cfg: ExperimentConfig, rank: int,
     batch = max(1, cfg.train.batch_size // world)
     if cfg.train.shuffle == "shards":
         return BalancedBatches(ShardStream(train_set, rank, world, seed=seed, shuffle=True), batch,
-                               cfg.train.loader_workers)
+                               cfg.train.loader_workers, pin_memory=pin_memory)
     return ShuffledBatches(train_set, rank, world, seed=seed, batch_size=batch,
-                           loader_workers=cfg.train.loader_workers, bucket_batches=cfg.train.bucket_batches)
+                           loader_workers=cfg.train.loader_workers, bucket_batches=cfg.train.bucket_batches,
+                           pin_memory=pin_memory)
 
 
 def validation_queries(prepare_dir: Path, cfg: ExperimentConfig, rank: int, world: int) -> Queries:
@@ -336,13 +448,14 @@ def train_worker(config: dict[str, Any]) -> None:
     run_dir = RunDir(config["run_dir"])  # on another node: pulls the small stages it reads
     out_dir = Path(config["out_dir"])
     launcher = config["launcher"]
-    _skip_cpu_shm_build()
+    device = training_device(cfg, launcher)
+    use_device(device)
     import deepspeed  # noqa: F401  (it sets its logger's level on import: quiet it after that)
 
     quiet_library_logs()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     if launcher == "local":
-        init_local_process_group()
+        init_local_process_group(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     nodes: list[str | None] = [None] * world
     dist.all_gather_object(nodes, _node_id(launcher))  # where the ranks run, for the stats
@@ -358,12 +471,12 @@ def train_worker(config: dict[str, Any]) -> None:
     sid_table = load_sids(run_dir.stage_path("tokenize"))
     spec = SidSpec(train_set.digit_sizes, train_set.max_history, items=len(sid_table.codes))
     catalogue, sids = catalogue_for(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))
-    train_batches = training_batches(train_set, cfg, rank, world)
+    train_batches = training_batches(train_set, cfg, rank, world, pin_memory=device.type == "cuda")
     valid_queries = validation_queries(run_dir.stage_path("prepare"), cfg, rank, world)
     steps_per_epoch = min(len(train_batches), cfg.train.steps_per_epoch or len(train_batches))
-    engine, model, scheduler = build_engine(cfg, spec, world, steps_per_epoch * cfg.train.epochs)
-    autocast = torch.autocast("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu",
-                              dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    engine, model, scheduler = build_engine(cfg, spec, world, total_steps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16)
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's weights
@@ -372,7 +485,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if resume is not None:
         engine.load_checkpoint(str(resume), tag="ds", load_module_strict=True)
         state = json.loads((resume / STATE_FILE).read_text())
-        partial = load_partial(resume, rank)
+        partial = load_partial(resume, rank, device)
         if rank == 0:
             from safetensors.torch import load_file
 
@@ -380,6 +493,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 best_weights = load_file(str(resume / "best" / EXPORT_WEIGHTS))
             where = f"epoch {state['epoch']}" + (f" + {partial['steps']} steps" if partial else "")
             log.warning("resumed from %s after %s", resume, where)
+    if rank == 0 and resume is None and (warning := schedule_warning(cfg.train, total_steps)):
+        log.warning("schedule: %s", warning)
     wandb_run = _wandb(cfg, out_dir) if rank == 0 else None
     every = cfg.train.checkpoint_every_steps
 
@@ -389,7 +504,7 @@ def train_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp)
             engine.save_checkpoint(str(ckpt), tag="ds")
-            save_partial(ckpt, rank, progress)
+            save_partial(ckpt, rank, progress, device)
             if rank == 0:
                 (ckpt / STATE_FILE).write_text(json.dumps(state))
                 if best_weights is not None:  # none yet inside the first epoch
@@ -400,42 +515,45 @@ def train_worker(config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         engine.train()
         start = time.perf_counter()
+        # The epoch's loss is summed on the device: reading it every step would make the host
+        # wait for each step before queueing the next.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         if partial is not None and partial["epoch"] == epoch:  # resume inside this epoch
-            loss_sum, steps, samples, spent = partial["loss_sum"], partial["steps"], partial["samples"], partial["seconds"]
+            steps, samples, spent = partial["steps"], partial["samples"], partial["seconds"]
+            loss_sum += partial["loss_sum"]
             train_batches.set_epoch(epoch, skip=steps, digest=partial["digest"])
         else:
-            loss_sum, steps, samples, spent = 0.0, 0, 0, 0.0
+            steps, samples, spent = 0, 0, 0.0
             train_batches.set_epoch(epoch)
         partial = None
         bar = _progress(steps_per_epoch, f"epoch {epoch}", rank)
         for batch in train_batches:
             if steps >= steps_per_epoch:
                 break
-            with autocast:
-                loss = engine(batch["history"], batch["history_mask"], batch["targets"], batch["items"])
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach())
+            loss = train_step(engine, batch, autocast)
+            loss_sum += loss
             steps += 1
             samples += len(batch["targets"])
             if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if steps % 20 == 0:  # a terminal only: reading the loss waits for the step
+                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 bar.update(1)
             if every and steps % every == 0 and steps < steps_per_epoch:
                 save_checkpoint({"epoch": epoch - 1, "step": steps}, {
-                    "epoch": epoch, "steps": steps, "loss_sum": loss_sum, "samples": samples,
+                    "epoch": epoch, "steps": steps, "loss_sum": float(loss_sum), "samples": samples,
                     "seconds": spent + time.perf_counter() - start, "digest": train_batches.digest})
         if bar is not None:
             bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's time includes its last queued steps
         seconds = spent + time.perf_counter() - start
-        totals = torch.tensor([loss_sum, steps, samples, seconds], dtype=torch.float64)
-        dist.all_reduce(totals)
+        totals = sum_over_ranks([float(loss_sum), steps, samples, seconds], device)
         digests: list[str | None] = [None] * world
         dist.all_gather_object(digests, train_batches.digest)
         eval_model = _full_model(engine, model, cfg)
-        record = {"epoch": epoch, "steps": steps, "loss": totals[0].item() / max(totals[1].item(), 1),
+        record = {"epoch": epoch, "steps": steps, "loss": totals[0] / max(totals[1], 1),
                   "lr": scheduler.get_last_lr()[0], "epoch_s": seconds,
-                  "samples_per_s": totals[2].item() / max(totals[3].item() / world, 1e-9),
+                  "samples_per_s": totals[2] / max(totals[3] / world, 1e-9),
                   # which windows this epoch trained on, in which order, on every rank
                   "windows_digest": hashlib.sha256("".join(map(str, digests)).encode()).hexdigest()[:16]}
         # Validation from train.valid_start_epoch (and always after the last epoch); the
@@ -453,8 +571,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 state["bad_epochs"] += 1
         else:
             improved = state["best_epoch"] < 0  # nothing validated yet: keep the latest weights
-        if improved and rank == 0:
-            best_weights = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
+        if improved:  # every rank: gathering partitioned fp32 master weights is a collective
+            weights = master_weights(model)
+            best_weights = weights if rank == 0 else None
         state["epoch"] = epoch
         state["history"].append(record)
         state["nodes"] = sorted(set(map(str, nodes)))
@@ -497,7 +616,7 @@ def _full_model(engine: Any, model: DiffGRM, cfg: ExperimentConfig) -> DiffGRM:
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     copy = DiffGRM(cfg.model, model.spec)
     copy.load_state_dict(weights)
-    return copy
+    return copy.to(engine.device)
 
 
 def _progress(total: int, desc: str, rank: int):
@@ -569,12 +688,10 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from diffgrm_dist.raycluster import check_resources, cpus_per_worker, ray_session, verbose
+    from diffgrm_dist.raycluster import check_resources, ray_session, verbose
 
     with ray_session() as resources:
-        use_gpu = cfg.train.use_gpu and resources.gpus > 0
-        workers = cfg.train.num_workers or max(1, resources.gpus if use_gpu else 1)
-        cpus = cpus_per_worker(resources, workers) if not use_gpu else 1
+        workers, cpus, use_gpu = worker_layout(cfg.train, resources)
         check_resources(resources, workers, cpus, int(use_gpu), f"train.num_workers={workers}"
                         f"{' train.use_gpu=true' if use_gpu else ''}")
         config["threads"] = cpus
@@ -606,6 +723,20 @@ def _launch_ray(cfg: ExperimentConfig, config: dict[str, Any], run_dir: RunDir, 
         return final
 
 
+def worker_layout(t: TrainConfig, resources: ClusterResources) -> tuple[int, int, bool]:
+    """(Ray Train ranks, CPUs per rank, whether they use GPUs): ``train.num_workers`` or, when
+    0, one rank per GPU of the cluster with ``train.use_gpu`` (else one); a CPU rank gets an
+    even share of the CPUs, a GPU rank one core for itself and one per DataLoader worker."""
+    use_gpu = t.use_gpu and resources.gpus > 0
+    if t.use_gpu and not use_gpu:
+        log.warning("train.use_gpu=true but the cluster has no GPU: training on CPUs")
+    workers = t.num_workers or (resources.gpus if use_gpu else 1)
+    cpus = cpus_per_worker(resources, workers)
+    if use_gpu:
+        cpus = min(cpus, t.loader_workers + 1)
+    return workers, cpus, use_gpu
+
+
 def _latest_ray_checkpoint(storage: str, filesystem: Any, run_name: str) -> str | None:
     """Newest complete, intact checkpoint a previous (interrupted) Ray Train run persisted.
 
@@ -621,7 +752,13 @@ def _latest_ray_checkpoint(storage: str, filesystem: Any, run_name: str) -> str 
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    """Loss, learning rate and validation curves (skipped, with a note, without matplotlib:
+    a GPU box may have only what training needs)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        log.info("matplotlib is not installed: no %s", path.name)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

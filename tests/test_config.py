@@ -45,7 +45,33 @@ def test_data_path_override_is_relative_to_cwd(tmp_path, monkeypatch):
     assert cfg.data.path == "/abs/beauty"
 
 
+@pytest.mark.parametrize("override, field, value", [
+    ("train.lr=3e-3", "lr", 3e-3),  # YAML 1.1 reads this as a string
+    ("train.lr=1E-2", "lr", 1e-2),
+    ("train.lr=3.0e-3", "lr", 3e-3),  # and this as a float
+    ("train.lr=.5", "lr", 0.5),
+    ("train.lr=2", "lr", 2.0),
+    ("train.warmup_steps=1e4", "warmup_steps", 10_000),  # exact: an int field takes it
+    ("train.warmup_steps=1.0e+4", "warmup_steps", 10_000),
+    ("train.warmup_steps=10_000", "warmup_steps", 10_000),
+])
+def test_numeric_literals_yaml_reads_as_strings_are_numbers(override, field, value):
+    cfg = load_config(CONFIGS / "beauty.yaml", [override])
+    got = getattr(cfg.train, field)
+    assert got == value and type(got) is type(value)
+
+
+def test_numeric_literals_in_a_config_file_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: %s\ntrain:\n  lr: 3e-3\n  warmup_steps: 1e4\n" % (CONFIGS / "beauty.yaml"))
+    cfg = load_config(path)
+    assert cfg.train.lr == 3e-3 and cfg.train.warmup_steps == 10_000
+
+
 @pytest.mark.parametrize("override, message", [
+    ("train.warmup_steps=2.5e0", "must be an integer"),  # not exact
+    ("train.lr=1e", "must be a number"),
+    ("train.lr=true", "must be a number"),
     ("train.nope=1", "unknown key 'nope'"),
     ("nosection.x=1", "unknown key 'nosection'"),
     ("train.epochs=three", "must be an integer"),

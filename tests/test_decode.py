@@ -309,3 +309,19 @@ def test_metrics_by_hand():
     np.testing.assert_allclose(m["ndcg@4"], [1 / np.log2(3), 0, 1])
     assert selection_score({"ndcg@10": 0.5, "recall@10": 1.0}) == pytest.approx(0.6)
     assert most_frequent(np.bincount(np.array([2, 2, 1, 0, 2, 1]), minlength=4), 3).tolist() == [2, 1, 0]
+
+
+def test_key_table_lookups_without_host_syncs_equal_the_shrinking_ones():
+    """The GPU form of the look-up (every probe pass over every key, no boolean indexing)
+    answers as the CPU form, for present keys, absent ones, and keys that collide."""
+    from diffgrm_dist.decode import KeyTable
+
+    rng = np.random.default_rng(0)
+    keys = rng.choice(1 << 40, size=5000, replace=False).astype(np.int64)
+    table = KeyTable(keys, np.arange(len(keys), dtype=np.int64))
+    assert table.probes > 1  # some keys needed more than one probe
+    asked = torch.from_numpy(np.concatenate([keys, rng.integers(0, 1 << 40, 3000)]).reshape(-1, 8))
+    shrinking = table.lookup(asked, sync_free=False)
+    masked = table.lookup(asked, sync_free=True)
+    assert torch.equal(shrinking, masked)
+    assert torch.equal(masked.view(-1)[:5000], torch.arange(5000))
