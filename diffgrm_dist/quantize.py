@@ -4,13 +4,18 @@
 product quantiser with n sub-spaces of K centroids each. The rotation balances the
 sub-spaces so digits are roughly independent, which a parallel (any-order) decoder can
 exploit. ``rq_kmeans``: residual k-means, digit k quantising what digits < k left over;
-the paper's ablation. Both are fitted with faiss (its GPU k-means assignment where a GPU
-and faiss-gpu are present) on the items seen in training, and saved as faiss/NumPy files
-so new items can be encoded later without refitting.
+the paper's ablation. Both are fitted with faiss on the items seen in training, and saved
+as faiss/NumPy files so new items can be encoded later without refitting.
+
+Devices: every nearest-centroid search (the k-means/PQ assignment of the fit, and
+``encode``) goes through ``flat_l2_index``, which puts it on the GPU where faiss-gpu sees
+one. The rest stays on the CPU in faiss wherever it runs: training and applying the PCA,
+and the OPQ rotation's update and ``apply``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +32,32 @@ log = logging.getLogger(__name__)
 
 
 def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu, which lacks the GPU classes."""
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def assignment_device() -> str:
+    """Where ``flat_l2_index``'s searches run in this process: "gpu" or "cpu"."""
+    return "gpu" if gpu_count() else "cpu"
+
+
+@functools.cache
+def gpu_resources() -> Any:
+    """This process's one ``faiss.StandardGpuResources``, shared by all its GPU indexes: it
+    owns the GPU's scratch memory and streams (one per index would set them up again per
+    search), and GPU indexes hold it by raw pointer, so it lives as long as the process.
+    faiss allows sharing it between indexes used by one thread at a time, as here (the fit
+    in the driver; ``encode`` in an actor that takes one call at a time)."""
+    return faiss.StandardGpuResources()
+
+
+def flat_l2_index(dim: int) -> Any:
+    """The exact L2 index every nearest-centroid search uses: a ``GpuIndexFlatL2`` on GPU 0
+    (the actor's own GPU under Ray) when faiss sees a GPU, else ``faiss.IndexFlatL2``,
+    which is also what faiss uses when given no index (so CPU codes do not change)."""
+    if assignment_device() == "gpu":
+        return faiss.GpuIndexFlatL2(gpu_resources(), dim)
+    return faiss.IndexFlatL2(dim)
 
 
 @dataclass
@@ -42,6 +72,11 @@ class Quantizer:
     opq: Any = None  # faiss.OPQMatrix
     centroids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (digits, K, dsub)
     keep_alive: list[Any] = field(default_factory=list)  # faiss objects referenced by pointer
+    # Where the nearest-centroid searches ran ("gpu"/"cpu"): the fit's k-means/PQ
+    # assignment ("" for a quantiser loaded from files), and the last ``encode``'s. PCA and
+    # the OPQ rotation always run on the CPU.
+    fit_device: str = ""
+    encode_device: str = ""
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -53,7 +88,7 @@ class Quantizer:
                               f"codebook_size={cfg.codebook_size}")
         train = np.ascontiguousarray(train, dtype=np.float32)
         q = cls(kind=cfg.quantizer, digits=cfg.digits, codebook_size=cfg.codebook_size,
-                dim=train.shape[1])
+                dim=train.shape[1], fit_device=assignment_device())
         if cfg.pca_dim:
             if cfg.pca_dim > train.shape[1]:
                 raise ConfigError(f"tokenize.pca_dim: {cfg.pca_dim} exceeds the embedding "
@@ -86,14 +121,14 @@ class Quantizer:
         # it, so it is kept alive here for as long as the quantiser lives.
         inner = faiss.ProductQuantizer(d, self.digits, nbits)
         inner.cp.seed = cfg.seed
-        self.keep_alive += [inner, _use_gpu_assignment(inner, d // self.digits)]
+        self.keep_alive += [inner, _route_assignment(inner, d // self.digits)]
         self.opq.pq = inner
         self.opq.train(x)
         rotated = self.opq.apply(x)
         pq = faiss.ProductQuantizer(d, self.digits, nbits)
         pq.cp.seed = cfg.seed
         pq.cp.niter = cfg.kmeans_iters
-        self.keep_alive.append(_use_gpu_assignment(pq, d // self.digits))
+        self.keep_alive.append(_route_assignment(pq, d // self.digits))
         pq.train(rotated)
         self.centroids = faiss.vector_to_array(pq.centroids).reshape(
             self.digits, self.codebook_size, d // self.digits).copy()
@@ -103,7 +138,8 @@ class Quantizer:
         levels = []
         for level in range(self.digits):
             km = faiss.Kmeans(x.shape[1], self.codebook_size, niter=cfg.kmeans_iters,
-                              seed=cfg.seed + level, gpu=bool(gpu_count()), verbose=False)
+                              seed=cfg.seed + level, verbose=False)
+            km.index = flat_l2_index(x.shape[1])  # the index Kmeans.train assigns with
             km.train(residual)
             levels.append(km.centroids.copy())
             residual -= km.centroids[_nearest(km.centroids, residual)]
@@ -119,6 +155,7 @@ class Quantizer:
         return reduced
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
+        self.encode_device = assignment_device()
         x = self._reduce(vectors)
         codes = np.empty((len(x), self.digits), dtype=np.int64)
         if self.kind == "opq":
@@ -159,20 +196,18 @@ class Quantizer:
 
 def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid (L2) for each row of ``x``."""
-    index = faiss.IndexFlatL2(centroids.shape[1])
+    index = flat_l2_index(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     _, nearest = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return nearest[:, 0].astype(np.int64)
 
 
-def _use_gpu_assignment(pq: Any, dsub: int) -> Any:
-    """Routes a PQ's k-means assignment through a GPU flat index when one is available."""
-    if not gpu_count():
-        return None
-    resources = faiss.StandardGpuResources()
-    index = faiss.GpuIndexFlatL2(resources, dsub)
+def _route_assignment(pq: Any, dsub: int) -> Any:
+    """Routes a PQ's k-means assignment through ``flat_l2_index`` (the GPU where there is
+    one); returns the index, which the PQ holds only by raw pointer, to be kept alive."""
+    index = flat_l2_index(dsub)
     pq.assign_index = index
-    return (resources, index)  # kept alive as long as the quantiser
+    return index
 
 
 # ---------------------------------------------------------------------- collisions

@@ -7,7 +7,10 @@
 2. Fit the quantiser (``quantize.py``: whitened PCA + OPQ + PQ, or RQ-KMeans) on the items
    seen in training, or a seeded sample of them (``tokenize.fit_items``).
 3. Encode every item with the fitted quantiser, ``tokenize.block_items`` at a time, on a
-   Ray actor pool (one GPU each where there are GPUs).
+   Ray actor pool (one GPU each where there are GPUs). ``stats.json`` says where the
+   nearest-centroid searches ran: ``quantizer_fit_assign_device`` (the fit's k-means/PQ
+   assignment, in the driver) and ``encode_assign_devices`` (what the actors reported);
+   PCA and the OPQ rotation run on the CPU in faiss either way.
 4. Apply the collision rule and write ``RUN_DIR/tokenize/``: ``sids.parquet`` (``item``,
    ``d0..d{n-1}`` [+ the extra digit], ``collision_rank``, ``train_count``: how often the
    item is a training target; one row group per block), ``quantizer/`` and ``stats.json``.
@@ -34,7 +37,7 @@ from diffgrm_dist.collaborative import JoinedEmbeddings, join, with_collaborativ
 from diffgrm_dist.config import ExperimentConfig, TokenizeConfig
 from diffgrm_dist.embed import CachedEmbeddings, ParquetEmbeddings, embed_catalogue, embed_to_cache
 from diffgrm_dist.errors import DataError
-from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats, gpu_count
+from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats
 from diffgrm_dist.readers import iter_lines
 from diffgrm_dist.rundir import RunDir, atomic_file
 from diffgrm_dist.sids import load_sids
@@ -103,8 +106,11 @@ class QuantizeWorker:
                 (Path(folder) / name).write_bytes(data)
             self.quantizer, _ = Quantizer.load(Path(folder))
 
-    def encode(self, block: int, vectors: np.ndarray) -> tuple[int, np.ndarray]:
-        return block, self.quantizer.encode(vectors).astype(np.int32)
+    def encode(self, block: int, vectors: np.ndarray) -> tuple[int, np.ndarray, str]:
+        """The block's codes and where their assignment ran: an actor holding a GPU still
+        encodes on the CPU when its faiss is faiss-cpu, and the stats should say so."""
+        codes = self.quantizer.encode(vectors).astype(np.int32)
+        return block, codes, self.quantizer.encode_device
 
 
 def encode_catalogue(quantizer_dir: Path, source: EmbeddingSource, cfg: TokenizeConfig) -> tuple[np.ndarray, dict[str, Any]]:
@@ -126,24 +132,27 @@ def encode_catalogue(quantizer_dir: Path, source: EmbeddingSource, cfg: Tokenize
         pool = [remote.remote(shared, threads) for _ in range(actors)]
         rows_of: dict[int, np.ndarray] = {}
         pending: dict[Any, Any] = {}
+        devices: set[str] = set()
         try:
             for number, (rows, vectors) in enumerate(blocks):
                 while len(pending) >= 2 * actors:
-                    _drain(pending, rows_of, codes, wait_for=1)
+                    _drain(pending, rows_of, codes, devices, wait_for=1)
                 rows_of[number] = rows
                 actor = pool[number % actors]
                 pending[actor.encode.remote(number, vectors)] = actor
-            _drain(pending, rows_of, codes, wait_for=len(pending))
+            _drain(pending, rows_of, codes, devices, wait_for=len(pending))
         finally:
             for actor in pool:
                 ray.kill(actor)
     if (codes < 0).any():
         raise RuntimeError(f"tokenize: {int((codes[:, 0] < 0).sum())} items were never encoded")
     return codes, {"encode_s": round(time.perf_counter() - start, 3), "encode_actors": actors,
-                   "encode_blocks": number + 1 if source.items else 0}
+                   "encode_blocks": number + 1 if source.items else 0,
+                   "encode_assign_devices": sorted(devices)}
 
 
-def _drain(pending: dict[Any, Any], rows_of: dict[int, np.ndarray], codes: np.ndarray, wait_for: int) -> None:
+def _drain(pending: dict[Any, Any], rows_of: dict[int, np.ndarray], codes: np.ndarray, devices: set[str],
+           wait_for: int) -> None:
     import ray
 
     if not pending:
@@ -151,8 +160,9 @@ def _drain(pending: dict[Any, Any], rows_of: dict[int, np.ndarray], codes: np.nd
     done, _ = ray.wait(list(pending), num_returns=wait_for)
     for ref in done:
         del pending[ref]
-        block, block_codes = ray.get(ref)
+        block, block_codes, device = ray.get(ref)
         codes[rows_of.pop(block)] = block_codes
+        devices.add(device)
 
 
 def open_embeddings(cfg: ExperimentConfig, run_dir: RunDir, items: pa.Table) -> tuple[EmbeddingSource, dict[str, Any]]:
@@ -225,8 +235,8 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
         "embedding": embedding,
         "embedding_s": embedding["seconds"],
         "quantizer_s": round(fit_s, 3),
+        "quantizer_fit_assign_device": quantizer.fit_device,
         **encoding,
-        "quantizer_device": "gpu" if gpu_count() else "cpu",
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     log.info("tokenize: %d items -> %d distinct codes, %d colliding items (fit on %d items in %.1f s, "

@@ -1,9 +1,12 @@
+import faiss
 import numpy as np
 import pytest
 
+from diffgrm_dist import quantize
 from diffgrm_dist.config import TokenizeConfig
 from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats
+from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats, flat_l2_index
+from diffgrm_dist.tokenize import QuantizeWorker
 
 
 def test_assign_sids_by_hand():
@@ -81,3 +84,67 @@ def test_bad_quantizer_settings():
         Quantizer.fit(x[:40], TokenizeConfig(codebook_size=16, digits=4, pca_dim=0))  # 40 points, 64 dims
     with pytest.raises(ConfigError, match="does not divide"):
         Quantizer.fit(x, TokenizeConfig(codebook_size=16, digits=3, pca_dim=0))
+
+
+class FakeGpu:
+    """Stand-ins for faiss-gpu's classes (faiss-cpu has none): the resources count how
+    often they are made, the GPU index is a CPU flat index that records every instance."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.resources: list[object] = []
+        self.indexes: list[faiss.IndexFlatL2] = []
+        fake = self
+
+        class Resources:
+            def __init__(self) -> None:
+                fake.resources.append(self)
+
+        class GpuIndexFlatL2(faiss.IndexFlatL2):
+            def __init__(self, resources: Resources, dim: int) -> None:
+                assert isinstance(resources, Resources)
+                super().__init__(dim)
+                fake.indexes.append(self)
+
+        quantize.gpu_resources.cache_clear()
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+        monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+        monkeypatch.setattr(faiss, "GpuIndexFlatL2", GpuIndexFlatL2, raising=False)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Installs ``FakeGpu`` when called; the cached resources never outlive the test."""
+    yield lambda: FakeGpu(monkeypatch)
+    quantize.gpu_resources.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["opq", "rq_kmeans"])
+def test_flat_l2_dispatch_gpu_and_cpu(tmp_path, fake_gpu, kind):
+    """With a GPU in sight every nearest-centroid search (fit and encode) is built through
+    GpuIndexFlatL2 and gives the CPU path's codes exactly; without one all is IndexFlatL2."""
+    x = np.random.default_rng(0).standard_normal((600, 32)).astype(np.float32)
+    cfg = TokenizeConfig(quantizer=kind, digits=4, codebook_size=16, pca_dim=0, opq_iters=2, kmeans_iters=3)
+    assert type(flat_l2_index(8)) is faiss.IndexFlatL2
+    cpu = Quantizer.fit(x, cfg)
+    cpu_codes = cpu.encode(x)
+    assert (cpu.fit_device, cpu.encode_device) == ("cpu", "cpu")
+    cpu.save(tmp_path / "q")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()}
+    assert QuantizeWorker(files, 0).encode(7, x)[2] == "cpu"  # what a tokenize actor reports
+
+    gpu = fake_gpu()
+    q = Quantizer.fit(x, cfg)
+    fitted = list(gpu.indexes)
+    # OPQ: the assign index of OPQ's inner PQ and of the final PQ (sub-space dim 8);
+    # RQ: per level, k-means' index and the residual's nearest-centroid search.
+    dims = [8, 8] if kind == "opq" else [32] * 8
+    assert [index.d for index in fitted] == dims
+    assert all(index.ntotal == 16 for index in fitted)  # faiss searched them: they hold centroids
+    assert np.array_equal(q.centroids, cpu.centroids)
+    codes = q.encode(x)
+    assert [index.d for index in gpu.indexes[len(fitted):]] == [8 if kind == "opq" else 32] * 4
+    assert np.array_equal(codes, cpu_codes)
+    assert (q.fit_device, q.encode_device) == ("gpu", "gpu")
+    block, worker_codes, device = QuantizeWorker(files, 0).encode(7, x)
+    assert (block, device) == (7, "gpu") and np.array_equal(worker_codes, cpu_codes)
+    assert len(gpu.resources) == 1  # one StandardGpuResources per process, not per index
