@@ -13,7 +13,7 @@ unexport PYTHONDONTWRITEBYTECODE
 export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean gpu-check
 
 install: $(STAMP)
 
@@ -35,6 +35,16 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Train + evaluate on the GPU, bounded to 8 minutes (tools/gpu_check.py, results/gpu/README.md).
+# Needs no .venv: GPU_PY is any Python with the GPU's torch and deepspeed. The stages come
+# from GPU_STAGES, made here first when absent (that step needs the full install).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_STAGES ?= runs/gpu-stages
+GPU_CHECK_ARGS ?=
+gpu-check:
+	test -d $(GPU_STAGES) || $(GPU_PY) tools/gpu_check.py stage --out $(GPU_STAGES)
+	$(GPU_PY) tools/gpu_check.py run --stages $(GPU_STAGES) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
