@@ -628,7 +628,10 @@ def markdown(payload: dict, rows: list[list[str]]) -> str:
               "indexing, `unique`, `.cpu()`/`.tolist()`, ...). h2d: blocking host->device copies "
               "(`torch.tensor(..., device=)`, `.to(device)` of a host tensor), which also stall the host. "
               "ms: wall clock on this CPU, uninstrumented, for orientation only. "
-              "See the docstring of `tools/bench_ops.py` for the exact rules.", "",
+              "See the docstring of `tools/bench_ops.py` for the exact rules. The after side counts the "
+              "catalogue's hash look-up in its GPU form (`KeyTable.lookup(sync_free=True)`, the default on "
+              "CUDA; on a CPU the shrinking form, which syncs, stays the default because it is faster there); "
+              "the train step's bookkeeping is the loop's since `train_step` (loss summed on the device).", "",
               "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c.replace("  ", "&nbsp;&nbsp;") for c in r) + " |" for r in rows]
     for name, r in after["phases"].items():
