@@ -90,6 +90,7 @@ def measure(dataset: str) -> dict:
     from diffgrm_dist.config import load_config
     from diffgrm_dist.decode import Catalogue, cpd
     from diffgrm_dist.model import SidSpec
+    from diffgrm_dist.ranking import MAX_BATCH_USERS
     from diffgrm_dist.train import build_model, build_objective
 
     cfg = load_config(ROOT / "configs" / f"{dataset}.yaml")
@@ -130,7 +131,8 @@ def measure(dataset: str) -> dict:
     return {"dataset": dataset, "config": f"configs/{dataset}.yaml", "parameters": params, "items": items,
             "train_windows": int(len(lengths)), "steps_per_epoch": steps_per_epoch, "epochs": cfg.train.epochs,
             "steps": steps_per_epoch * cfg.train.epochs, "valid_epochs": valid_epochs, "step": step,
-            "decode": decode, "eval_batch": cfg.eval.batch_size}
+            # eval.batch_size 0: the GPU's own choice, at most MAX_BATCH_USERS users
+            "decode": decode, "eval_batch": cfg.eval.batch_size or MAX_BATCH_USERS}
 
 
 def project(m: dict, peak: float, mfu: float, launch: float) -> dict:
