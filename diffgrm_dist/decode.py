@@ -84,7 +84,9 @@ class KeyTable:
         flat = keys.reshape(-1)
         slot = ((flat * int(self._MULT)) >> 17) & self.mask
         out = torch.full_like(flat, -1)
-        if keys.device.type == "cuda" if sync_free is None else sync_free:
+        if sync_free is None:
+            sync_free = keys.device.type == "cuda"
+        if sync_free:
             done = torch.zeros_like(flat, dtype=torch.bool)
             for _ in range(self.probes):  # a present key sits within `probes` slots of its hash
                 found = table_keys[slot]

@@ -167,9 +167,21 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln3(x))
 
 
+def autocast_type(device: torch.device) -> str:
+    """The ``torch.autocast`` device type for tensors on ``device``: CUDA's own, else the CPU's."""
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
 def fp32(x: torch.Tensor) -> torch.autocast:
     """Autocast off on ``x``'s device: the block computes in the dtype of its inputs."""
-    return torch.autocast("cuda" if x.device.type == "cuda" else "cpu", enabled=False)
+    return torch.autocast(autocast_type(x.device), enabled=False)
+
+
+def fp32_scores(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(..., d) states against a (K, d) table -> (..., K) fp32 dot products, even under bf16
+    autocast: beam scores sum these log-probabilities over digits."""
+    with fp32(h):
+        return h.float() @ table.float().T
 
 
 @dataclass
@@ -255,15 +267,14 @@ class DiffGRM(nn.Module):
         """Slot states h (B, s, d) of digits 0..s-1 (s <= n) -> (B, s, K_max) fp32 logits
         against each digit's code table; codes beyond a digit's size are -inf."""
         sizes = self.spec.sizes[:h.shape[1]]
-        with fp32(h):
-            h = h.float()
-            if len(set(self.spec.sizes)) == 1:
-                table = self.codes.weight[:self.pad].view(self.spec.digits, sizes[0], -1)[:len(sizes)]
-                return torch.einsum("bnd,nkd->bnk", h, table.float())
-            out = h.new_full((h.shape[0], len(sizes), max(self.spec.sizes)), float("-inf"))
-            for i, size in enumerate(sizes):
-                out[:, i, :size] = h[:, i] @ self.code_table(i).float().T
-            return out
+        if len(set(self.spec.sizes)) == 1:
+            table = self.codes.weight[:self.pad].view(self.spec.digits, sizes[0], -1)[:len(sizes)]
+            with fp32(h):
+                return torch.einsum("bnd,nkd->bnk", h.float(), table.float())
+        out = h.new_full((h.shape[0], len(sizes), max(self.spec.sizes)), float("-inf"), dtype=torch.float32)
+        for i, size in enumerate(sizes):
+            out[:, i, :size] = fp32_scores(h[:, i], self.code_table(i))
+        return out
 
     def denoise(self, memory: Memory, codes: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Diffusion decoder: (R, n) codes with (R, n) bool ``masked`` -> (R, n, K_max) logits.
@@ -308,17 +319,14 @@ class DiffGRM(nn.Module):
             cache.append(layer_kv)
         h = self.decoder_ln(x[:, 0])
         size, width = self.spec.sizes[step], max(self.spec.sizes)
-        with fp32(h):
-            logits = h.float() @ self.code_table(step).float().T
+        logits = fp32_scores(h, self.code_table(step))
         if size < width:
             logits = torch.cat([logits, logits.new_full((rows, width - size), float("-inf"))], dim=1)
         return logits, cache
 
     def item_logits(self, memory: Memory) -> torch.Tensor:
         """Dense head: (B, items) fp32 logits of every catalogue item against its learned embedding."""
-        h = self.decoder_ln(memory.last)
-        with fp32(h):
-            return h.float() @ self.item_emb.weight.float().T
+        return fp32_scores(self.decoder_ln(memory.last), self.item_emb.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

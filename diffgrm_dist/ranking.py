@@ -19,7 +19,7 @@ import torch
 from diffgrm_dist.config import EvalConfig
 from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, recommend_batch
 from diffgrm_dist.metrics import KS, item_and_sid_metrics
-from diffgrm_dist.model import DiffGRM, SidSpec
+from diffgrm_dist.model import DiffGRM, SidSpec, autocast_type
 from diffgrm_dist.prepare import row_group_starts
 from diffgrm_dist.ragged import left_pad_index
 
@@ -141,8 +141,7 @@ def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue
     for start in range(0, len(queries), size):
         part = queries.chunk(start, min(start + size, len(queries)))
         history, mask = (t.pin_memory() if pinned else t for t in part.padded(sids, model.spec.max_history))
-        with torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16,
-                            enabled=cfg.autocast_bf16):
+        with torch.autocast(autocast_type(device), dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             ranked = recommend_batch(model, history.to(device, non_blocking=True),
                                      mask.to(device, non_blocking=True), catalogue, beam, k,
                                      decoder, cfg.final_step, fill_order, rules, fill_digits)
