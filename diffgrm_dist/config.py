@@ -83,13 +83,19 @@ class TokenizeConfig:
     # Folder of cached embedding shards ("" = RUN_DIR/embeddings); where they live, not
     # what they are, so it is not part of the stage's config hash.
     embedding_cache: str = field(default="", metadata={"hash": False})
-    num_actors: int = 0  # 0: from the cluster's resources
+    # Embedding and encoding actors (0: from the cluster's resources). Not hashed: SIDs are
+    # byte-identical on any number of actors and threads (tests/test_tokenize.py).
+    num_actors: int = field(default=0, metadata={"hash": False})
     quantizer: str = "opq"  # opq | rq_kmeans
     pca_dim: int = 256  # whitened PCA to this many dims before quantising (released code: 256); 0 = off
     digits: int = 4
     codebook_size: int = 256
     opq_iters: int = 50  # faiss's default, as the released code
     kmeans_iters: int = 25
+    # OpenMP threads faiss fits the quantiser with (PCA, OPQ, k-means). Fixed rather than
+    # the machine's core count, because faiss's fit gives different codes on different
+    # thread counts (Beauty: 10,598 / 10,487 / 10,600 distinct codes on 1 / 2 / 3 threads).
+    fit_threads: int = 1
     collision: str = "expand"  # expand | extra_digit
     # Collaborative signal in the SIDs (collaborative.py): >0 appends this many dims of
     # training co-occurrence (PPMI + truncated SVD) to each item's text embedding before

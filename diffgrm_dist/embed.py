@@ -89,6 +89,7 @@ class EmbedReport:
     embedded_shards: int
     reused_shards: int
     actors: int
+    threads: int  # torch CPU threads per actor (0: GPU actors)
     nodes: list[str]  # Ray node ids the actors ran on
     seconds: float
     items_per_s: float
@@ -191,7 +192,7 @@ def embed_to_cache(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> t
     n_shards = len(bounds) - 1
     folder.mkdir(parents=True, exist_ok=True)
     missing = [s for s in range(n_shards) if not _finished(folder, s, bounds[s + 1] - bounds[s])]
-    actors_used = 0
+    actors_used = threads = 0
     nodes: list[str] = []
     if missing:
         with ray_session() as resources:
@@ -223,7 +224,7 @@ def embed_to_cache(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> t
     embedded_items = sum(bounds[s + 1] - bounds[s] for s in missing)
     report = EmbedReport(dim=dim, shards=n_shards,
                          embedded_shards=len(missing), reused_shards=n_shards - len(missing),
-                         actors=actors_used, nodes=nodes, seconds=round(seconds, 3),
+                         actors=actors_used, threads=threads, nodes=nodes, seconds=round(seconds, 3),
                          items_per_s=round(embedded_items / seconds, 1) if missing else 0.0,
                          cache_dir=str(folder))
     return CachedEmbeddings(folder, by_length, bounds, dim), report

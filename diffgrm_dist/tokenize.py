@@ -147,6 +147,7 @@ def encode_catalogue(quantizer_dir: Path, source: EmbeddingSource, cfg: Tokenize
     if (codes < 0).any():
         raise RuntimeError(f"tokenize: {int((codes[:, 0] < 0).sum())} items were never encoded")
     return codes, {"encode_s": round(time.perf_counter() - start, 3), "encode_actors": actors,
+                   "encode_threads": threads,
                    "encode_blocks": number + 1 if source.items else 0,
                    "encode_assign_devices": sorted(devices)}
 
@@ -231,6 +232,7 @@ def run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
         "extra_digit_size": int(assignment.group_size.max()) if tcfg.collision == "extra_digit" else 0,
         "train_items": int(seen.sum()),
         "fit_items": int(len(rows)),
+        "fit_threads": tcfg.fit_threads,
         "embedding_dim": int(source.dim),
         "embedding": embedding,
         "embedding_s": embedding["seconds"],

@@ -114,13 +114,37 @@ def test_killed_embedding_run_resumes_missing_shards_and_is_deterministic(tiny_r
     assert a.equals(b)
 
 
-def test_same_config_same_sids_bytes(tiny_run, tmp_path, run_cli):
-    run = tmp_path / "again"
+# (Ray CPUs, tokenize.num_actors, the driver's faiss threads): with tiny.yaml's one actor on
+# a 2-core machine (tiny_run), 1 or 2 actors x 1 or 2 threads each.
+LAYOUTS = [(1, 1, 1), (2, 2, 2), (4, 2, 1)]
+
+
+@pytest.mark.parametrize("ray_cpus,actors,driver_threads", LAYOUTS)
+def test_sids_bytes_do_not_depend_on_actors_or_threads(tiny_run, tmp_path, run_cli, ray_cpus, actors,
+                                                       driver_threads):
+    """The same config gives the same sids.parquet, byte for byte, whatever the number of
+    embedding/encoding actors, their threads, and the driver's own faiss threads (the
+    quantiser's fit is pinned to tokenize.fit_threads; without it, 1 and 2 threads give
+    different codes here)."""
+    import faiss
+
+    from diffgrm_dist.raycluster import ray_session
+
+    run = tmp_path / "run"
     assert run_cli("prepare", "-c", TINY, "-o", run)[0] == 0
-    assert run_cli("tokenize", "-c", TINY, "-o", run)[0] == 0
-    a = (tiny_run / "tokenize" / "sids.parquet").read_bytes()
-    b = (run / "tokenize" / "sids.parquet").read_bytes()
-    assert a == b
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(driver_threads)
+    try:
+        with ray_session(num_cpus=ray_cpus):
+            code, _, err = run_cli("tokenize", "-c", TINY, "-o", run, f"tokenize.num_actors={actors}")
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert code == 0, err
+    stats = json.loads((run / "tokenize" / "stats.json").read_text())
+    assert (stats["embedding"]["actors"], stats["embedding"]["threads"]) == (actors, ray_cpus // actors)
+    assert (stats["encode_actors"], stats["encode_threads"]) == (actors, ray_cpus // actors)
+    assert stats["embedding"]["embedded_shards"] == 3  # its own embeddings, not tiny_run's
+    assert (run / "tokenize" / "sids.parquet").read_bytes() == (tiny_run / "tokenize" / "sids.parquet").read_bytes()
 
 
 @pytest.mark.parametrize("rule", ["extra_digit"])
