@@ -14,6 +14,14 @@ result files at the end of every run, or alone with ``--table-only``.
     python tools/reproduce.py                                 # everything, in queue order
     python tools/reproduce.py --datasets beauty --variants diffgrm ar
     python tools/reproduce.py --table-only
+    python tools/reproduce.py --check beauty/diffgrm          # re-run a row at HEAD, compare
+
+``--check DATASET/VARIANT...`` re-runs the named rows at HEAD in a fresh work folder (no
+stage adopted from runs of older code), prints each next to its committed value with the
+95% interval of the difference, and writes ``results/checks/<dataset>/<variant>.json``;
+with ``--replace`` the HEAD run becomes the row and the committed one moves to
+``results/cpu/<dataset>/history/<variant>@<commit>.json``. The table marks every row made
+before the last change to quality-bearing code (``QUALITY_CODE``) with its commit.
 
 Never part of CI: one run takes 20-60 minutes on 2 CPU cores.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -74,6 +83,10 @@ VARIANTS = (
     Variant("cpd_m4", ("eval.fill_digits=4",), "CPD filling all 4 digits from one decoder pass",
             ("beauty",), paired_with="diffgrm"),
     Variant("diffgrm_seed2", ("train.seed=2",), "DiffGRM, training seed 2", ("beauty",)),
+    Variant("diffgrm_tok1", ("tokenize.seed=1",), "DiffGRM, tokenization seed 1 (OPQ / PQ k-means seeds)",
+            ("beauty",)),
+    Variant("diffgrm_tok2", ("tokenize.seed=2",), "DiffGRM, tokenization seed 2 (OPQ / PQ k-means seeds)",
+            ("beauty",)),
     Variant("random_masking", ("train.objective=random",), "ablation: random masking instead of OCN",
             ("beauty",), paper="random_masking"),
     Variant("random_order", ("train.objective=random_order",), "ablation: OCN without the on-policy order",
@@ -81,7 +94,15 @@ VARIANTS = (
     Variant("rq_kmeans", ("tokenize.quantizer=rq_kmeans",), "ablation: RQ-KMeans SIDs instead of PSE (OPQ)",
             ("beauty",), paper="rq_kmeans"),
 )
-SEEDS = ("diffgrm", "diffgrm_seed1", "diffgrm_seed2")
+SEEDS = ("diffgrm", "diffgrm_seed1", "diffgrm_seed2")  # training seeds, one set of SIDs
+TOKENIZE_SEEDS = ("diffgrm", "diffgrm_tok1", "diffgrm_tok2")  # tokenization seeds, training seed 0
+# Code and configs whose change can move a row's numbers: a row made before the last commit
+# touching any of them is marked in the table with the commit it came from.
+QUALITY_CODE = tuple(f"diffgrm_dist/{m}.py" for m in (
+    "prepare", "text", "readers", "embed", "quantize", "tokenize", "collaborative", "shard", "model",
+    "objectives", "train", "decode", "ranking", "evaluate", "metrics")) + ("configs/beauty.yaml",
+    "configs/sports.yaml", "configs/toys.yaml", "configs/cpu")
+Z95 = 1.96
 
 # ../shared/docs/diffgrm-reference.md, "Reported results" and "Ablations" (SID level, paper scale).
 PAPER = {  # R@5, N@5, R@10, N@10
@@ -171,6 +192,7 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
         "command": shlex.join(["python", "tools/reproduce.py", "--datasets", dataset, "--variants", variant.name]),
         "pipeline_command": shlex.join(["diffgrm", *command[1:]]),
         "commit": source["commit"], "dirty": source["dirty"],
+        "package_dirty": bool(source["changed_package_files"]),
         "machine": device_string(), "adopted_stages": adopted,
         "wall_s": {"pipeline": round(wall, 1), "train": train.get("wall_s"), "evaluate": metrics.get("decode_s")},
         "model": {"d_model": hashed["model"]["d_model"], "parameters": train.get("parameters"),
@@ -182,11 +204,74 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
 
 
 def load_results(root: Path = RESULTS) -> dict[str, dict[str, dict]]:
+    """The table's rows: ``results/cpu/<dataset>/<variant>.json``."""
     found: dict[str, dict[str, dict]] = {}
     for dataset in DATASETS:
         for path in sorted((root / "cpu" / dataset).glob("*.json")):
             found.setdefault(dataset, {})[path.stem] = json.loads(path.read_text())
     return found
+
+
+def history_path(dataset: str, variant: str, commit: str, root: Path = RESULTS) -> Path:
+    return root / "cpu" / dataset / "history" / f"{variant}@{commit[:7]}.json"
+
+
+def load_history(root: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
+    """Rows a ``--check --replace`` superseded, per dataset and variant."""
+    found: dict[str, dict[str, list[dict]]] = {}
+    for dataset in DATASETS:
+        for path in sorted((root / "cpu" / dataset / "history").glob("*@*.json")):
+            found.setdefault(dataset, {}).setdefault(path.stem.split("@")[0], []).append(json.loads(path.read_text()))
+    return found
+
+
+def sid_fingerprint(result: dict) -> tuple[int, ...]:
+    """Distinct codes, colliding items, most items per code: which SIDs a run trained on."""
+    return tuple(result["tokenize"].get(k, -1) for k in ("distinct_codes", "colliding_items", "max_items_per_code"))
+
+
+def seed_groups(results: dict[str, dict], history: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The runs each spread is measured on. Training seeds must share one set of SIDs (the
+    fingerprint of ``diffgrm_seed1``; a superseded ``diffgrm`` row from history where the
+    current one was re-run on other SIDs); tokenization seeds are the current rows."""
+    groups: dict[str, list[dict]] = {"training seeds": [], "tokenization seeds": []}
+    if SEEDS[1] in results:
+        sids = sid_fingerprint(results[SEEDS[1]])
+        for name in SEEDS:
+            match = [r for r in [results.get(name), *history.get(name, [])] if r and sid_fingerprint(r) == sids]
+            if match:
+                groups["training seeds"].append(match[0])
+    groups["tokenization seeds"] = [results[n] for n in TOKENIZE_SEEDS if n in results]
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def run_to_run_sd(groups: dict[str, list[dict]], value) -> tuple[float, dict[str, float]]:
+    """The larger of the spreads (sample sd of ``value(result)``) over the seed groups, and
+    each spread: what a difference between two single runs is read against."""
+    spreads = {name: statistics.stdev([value(r) for r in runs]) for name, runs in groups.items()}
+    return max(spreads.values(), default=float("nan")), spreads
+
+
+def stale_mark(result: dict, root: Path = ROOT) -> str:
+    """`` [at <commit>]`` when quality-bearing code changed after the row's commit (``*``:
+    its package code had uncommitted changes); empty for a row current at HEAD."""
+    commit = result.get("commit")
+    if not commit:
+        return " [commit unknown]"
+    out = subprocess.run(["git", "-C", str(root), "rev-list", "-1", f"{commit}..HEAD", "--", *QUALITY_CODE],
+                         capture_output=True, text=True)
+    dirty = result.get("package_dirty", result.get("dirty"))
+    if out.returncode != 0:
+        return f" [at {commit[:7]}{'*' if dirty else ''}, not in this clone]"
+    if out.stdout.strip() or dirty:
+        return f" [at {commit[:7]}{'*' if dirty else ''}]"
+    return ""
+
+
+def last_quality_change(root: Path = ROOT) -> str:
+    out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s", "--", *QUALITY_CODE],
+                         capture_output=True, text=True)
+    return out.stdout.strip()[:120] if out.returncode == 0 else "unknown"
 
 
 def _fmt(values: tuple[float, ...] | list[float]) -> str:
@@ -201,15 +286,25 @@ def _sid(result: dict) -> tuple[float, float]:
     return result["metrics"]["sid"]["recall@10"], result["metrics"]["sid"]["ndcg@10"]
 
 
-def dataset_table(dataset: str, results: dict[str, dict]) -> list[str]:
-    """Markdown lines of one dataset's table: every variant that has a result, popularity,
-    the 3-seed summary, and the paper's rows (SID level, paper scale)."""
+def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, list[dict]] | None = None,
+                  spread_from: tuple[float, str] | None = None) -> list[str]:
+    """Markdown lines of one dataset's table: every variant that has a result (marked with
+    its commit when quality-bearing code changed since), its difference from DiffGRM with
+    a 95% interval from the run-to-run spread, popularity, the seed spreads, and the
+    paper's rows (SID level, paper scale). ``spread_from``: a relative sd (sd / mean) and
+    where it was measured, for a dataset without seed runs of its own."""
     pop = next(iter(results.values()))["metrics"]["popularity"]
     pop_n10 = pop["ndcg@10"]
+    groups = seed_groups(results, history or {})
+    sd, spreads = run_to_run_sd(groups, lambda r: _item(r)[3])
+    main = results.get("diffgrm")
+    sd_note = f"larger of {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}"
+    if not groups and spread_from and main:
+        sd, sd_note = spread_from[0] * _item(main)[3], f"{spread_from[1]}'s relative spread"
     lines = [f"### {dataset.capitalize()}", "",
-             "| row | item R@5 | item N@5 | item R@10 | item N@10 | x pop. | SID R@10 | SID N@10 | "
-             "paper N@10 (SID) | train min | colliding items |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | item R@5 | item N@5 | item R@10 | item N@10 | x pop. | vs DiffGRM: item N@10 diff (95%) | "
+             "SID R@10 | SID N@10 | paper N@10 (SID) | train min | colliding items |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:
         r = results.get(variant.name)
         if r is None:
@@ -219,32 +314,51 @@ def dataset_table(dataset: str, results: dict[str, dict]) -> list[str]:
         paper = PAPER_ABLATIONS.get(variant.paper, {}).get(dataset) if variant.paper else None
         if variant.name == "ar":
             paper = PAPER_TIGER[dataset][3]  # TIGER's own paper: RQ-VAE codes, not these SIDs
-        label = variant.what + (f" (vs {variant.paired_with})" if variant.paired_with else "")
-        lines.append(f"| {label} | {_fmt(item)} | {item[3] / pop_n10:.2f}x | {sid_r:.4f} | {sid_n:.4f} | "
+        label = variant.what + (f" (vs {variant.paired_with})" if variant.paired_with else "") + stale_mark(r)
+        diff = "-"
+        if main is not None and variant.name != "diffgrm" and sd == sd:
+            diff = f"{item[3] - _item(main)[3]:+.4f} ± {Z95 * math.sqrt(2) * sd:.4f}"
+        lines.append(f"| {label} | {_fmt(item)} | {item[3] / pop_n10:.2f}x | {diff} | {sid_r:.4f} | {sid_n:.4f} | "
                      f"{f'{paper:.4f}' if paper else '-'} | {r['train']['wall_s'] / 60:.0f} | "
                      f"{r['tokenize']['colliding_items']} |")
-    seeds = [results[s] for s in SEEDS if s in results]
-    if len(seeds) > 1:
-        n10 = [_item(r)[3] for r in seeds]
-        r10 = [_item(r)[2] for r in seeds]
-        sid = [_sid(r)[1] for r in seeds]
-        lines.append(f"| DiffGRM, {len(seeds)} seeds: mean ± sd | - | - | {statistics.mean(r10):.4f} ± "
+    for name, runs in groups.items():
+        n10 = [_item(r)[3] for r in runs]
+        r10 = [_item(r)[2] for r in runs]
+        sid = [_sid(r)[1] for r in runs]
+        lines.append(f"| DiffGRM, {len(runs)} {name}: mean ± sd | - | - | {statistics.mean(r10):.4f} ± "
                      f"{statistics.stdev(r10):.4f} | {statistics.mean(n10):.4f} ± {statistics.stdev(n10):.4f} | "
-                     f"{statistics.mean(n10) / pop_n10:.2f}x | - | {statistics.mean(sid):.4f} ± "
+                     f"{statistics.mean(n10) / pop_n10:.2f}x | - | - | {statistics.mean(sid):.4f} ± "
                      f"{statistics.stdev(sid):.4f} | - | - | - |")
-    lines.append(f"| popularity | {_fmt([pop[m] for m in METRICS])} | 1.00x | - | - | - | - | - |")
+    lines.append(f"| popularity | {_fmt([pop[m] for m in METRICS])} | 1.00x | - | - | - | - | - | - |")
     for label, paper in (("*paper: DiffGRM (SID level, paper scale)*", PAPER[dataset]),
                          ("*paper: TIGER, from its own paper (SID level)*", PAPER_TIGER[dataset])):
-        lines.append(f"| {label} | - | - | - | - | - | {paper[2]:.4f} | {paper[3]:.4f} | {paper[3]:.4f} | - | - |")
+        lines.append(f"| {label} | - | - | - | - | - | - | {paper[2]:.4f} | {paper[3]:.4f} | {paper[3]:.4f} | - | - |")
+    if main is not None and sd == sd:
+        lines += ["", f"Differences from DiffGRM are read against a run-to-run sd of {sd:.4f} item N@10 ({sd_note}); "
+                      f"the interval is ± {Z95} x sqrt(2) x sd, for two single runs."]
     missing = [v.name for v in VARIANTS if dataset in v.datasets and v.name not in results]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`python tools/reproduce.py --datasets {dataset}`)."]
     return lines + [""]
 
 
+def relative_spread(found: dict[str, dict[str, dict]], history: dict[str, dict[str, list[dict]]]) -> tuple[float, str] | None:
+    """The largest relative run-to-run sd of item N@10 (sd / mean) any dataset measured."""
+    best = None
+    for dataset, results in found.items():
+        for runs in seed_groups(results, history.get(dataset, {})).values():
+            n10 = [_item(r)[3] for r in runs]
+            rel = statistics.stdev(n10) / statistics.mean(n10)
+            if best is None or rel > best[0]:
+                best = (rel, dataset.capitalize())
+    return best
+
+
 def write_table(found: dict[str, dict[str, dict]], root: Path = RESULTS) -> Path:
     from diffgrm_dist.config import load_config
 
+    history = load_history(root)
+    spread = relative_spread(found, history)
     cfg = load_config(config_path("beauty"))
     m, t, e = cfg.model, cfg.train, cfg.eval
     params = {r["train"].get("parameters") for rs in found.values() for r in rs.values()
@@ -276,11 +390,16 @@ def write_table(found: dict[str, dict[str, dict]], root: Path = RESULTS) -> Path
         "Sports ships a short phrase per item as its only text (the paper had title, brand, categories "
         "and description); there, text alone leaves 2,526 colliding items and codes that say little "
         "about what users take next.", "",
+        f"**Which code made a row.** A row marked *[at <commit>]* was made before the last change to "
+        f"quality-bearing code (`QUALITY_CODE` in `tools/reproduce.py`; now: {last_quality_change()}), *\\** "
+        f"where its package code had uncommitted changes; `python tools/reproduce.py --check DATASET/VARIANT` "
+        f"re-runs it at HEAD and prints the difference with its interval. Unmarked rows were made by the "
+        f"code at HEAD.", "",
         f"Commits: {', '.join(commits)}. Machine: {'; '.join(machines)}.", "",
     ]
     for dataset in DATASETS:
         if dataset in found:
-            lines += dataset_table(dataset, found[dataset])
+            lines += dataset_table(dataset, found[dataset], history.get(dataset, {}), spread)
     lines.append("![item-level NDCG@10 per variant](cpu/ndcg10.png)")
     out = root / "README.md"
     out.write_text("\n".join(lines) + "\n")
@@ -314,6 +433,77 @@ def plot(found: dict[str, dict[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def compare(committed: dict | None, fresh: dict, groups: dict[str, list[dict]]) -> dict:
+    """HEAD's run next to the committed row: each metric's difference and its 95% interval
+    (± 1.96 x sqrt(2) x the larger run-to-run sd of that metric over the seed groups)."""
+    metrics = {"item N@10": lambda r: _item(r)[3], "item R@10": lambda r: _item(r)[2],
+               "SID N@10": lambda r: _sid(r)[1]}
+    out: dict = {"committed_commit": committed.get("commit") if committed else None,
+                 "head_commit": fresh["commit"], "sids": {}, "metrics": {}}
+    out["sids"] = {"committed": sid_fingerprint(committed) if committed else None, "head": sid_fingerprint(fresh)}
+    for name, value in metrics.items():
+        sd, spreads = run_to_run_sd(groups, value)
+        row = {"head": value(fresh), "sd": sd, "spreads": spreads}
+        if committed is not None:
+            diff = value(fresh) - value(committed)
+            half = Z95 * math.sqrt(2) * sd
+            row |= {"committed": value(committed), "diff": diff, "interval": [diff - half, diff + half]}
+        out["metrics"][name] = row
+    return out
+
+
+def format_check(row: str, check: dict) -> list[str]:
+    head = check["head_commit"][:7]
+    lines = [f"{row}: committed at {(check['committed_commit'] or 'none')[:7]}, re-run at HEAD {head}"]
+    for name, m in check["metrics"].items():
+        if "committed" not in m:
+            lines.append(f"  {name:10s} HEAD {m['head']:.4f} (no committed row)")
+            continue
+        lo, hi = m["interval"]
+        inside = "inside" if lo <= 0 <= hi else "OUTSIDE"
+        lines.append(f"  {name:10s} committed {m['committed']:.4f}  HEAD {m['head']:.4f}  diff {m['diff']:+.4f}  "
+                     f"95% interval [{lo:+.4f}, {hi:+.4f}] (0 {inside}; sd {m['sd']:.4f} = larger of "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in m["spreads"].items()) + ")")
+    fmt = lambda f: " / ".join(f"{v:,}" for v in f) if f else "-"  # noqa: E731
+    lines.append(f"  SIDs (distinct / colliding / max per code): committed {fmt(check['sids']['committed'])}, "
+                 f"HEAD {fmt(check['sids']['head'])}")
+    return lines
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.rename(path)
+
+
+def check_rows(rows: list[str], work: Path, replace: bool) -> None:
+    """Re-runs each DATASET/VARIANT at HEAD (a fresh work folder per commit, so no stage made
+    by older code is adopted) and prints it against the committed row."""
+    head = git_info(ROOT)
+    if not head["commit"] or head["changed_package_files"]:
+        raise SystemExit("--check: commit the package first, so the re-run names the code it ran")
+    work = work / f"check-{head['commit'][:7]}"
+    names = {v.name: v for v in VARIANTS}
+    for row in rows:
+        dataset, _, name = row.partition("/")
+        if dataset not in DATASETS or name not in names or dataset not in names[name].datasets:
+            raise SystemExit(f"--check {row}: not a DATASET/VARIANT of this table")
+        (work / dataset).mkdir(parents=True, exist_ok=True)
+        fresh = run_pair(dataset, names[name], work.resolve())
+        found, history = load_results(), load_history()
+        committed = found.get(dataset, {}).get(name)
+        # The spreads as they would be with this run in the table (its own seed group included).
+        results = {**found.get(dataset, {}), name: fresh}
+        check = compare(committed, fresh, seed_groups(results, history.get(dataset, {})))
+        print("\n".join(format_check(row, check)), flush=True)
+        write_json(RESULTS / "checks" / dataset / f"{name}.json", {"row": row, **check, "head_result": fresh})
+        if replace:
+            if committed is not None:
+                write_json(history_path(dataset, name, committed.get("commit") or "unknown"), committed)
+            write_json(result_path(dataset, name), fresh)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
@@ -322,8 +512,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/diffgrm-repro"),
                         help="run directories (outside the repo; keep it to reuse stages)")
     parser.add_argument("--table-only", action="store_true", help="only regenerate the table and plot")
+    parser.add_argument("--check", nargs="+", metavar="DATASET/VARIANT",
+                        help="re-run these rows at HEAD and print them against the committed values")
+    parser.add_argument("--replace", action="store_true", help="with --check: HEAD's runs become the rows")
     args = parser.parse_args()
-    if not args.table_only:
+    if args.check:
+        check_rows(args.check, args.work, args.replace)
+    elif not args.table_only:
         chosen = [v for v in VARIANTS if v.name in args.variants]
         for variant in chosen:
             for dataset in args.datasets:
@@ -335,10 +530,7 @@ def main() -> None:
                     continue
                 (args.work / dataset).mkdir(parents=True, exist_ok=True)
                 result = run_pair(dataset, variant, args.work.resolve())
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(result, indent=2) + "\n")
-                tmp.rename(target)
+                write_json(target, result)
                 item, pop = result["metrics"]["item"], result["metrics"]["popularity"]
                 print(f"{dataset}/{variant.name}: item N@10 {item['ndcg@10']:.4f} R@10 {item['recall@10']:.4f} "
                       f"({item['ndcg@10'] / pop['ndcg@10']:.2f}x popularity N@10), "
