@@ -100,13 +100,15 @@ def test_a_run_adopts_the_stages_another_run_holds_for_the_same_config(tiny_run,
     assert adopt_current_stages(digits, RunDir(tmp_path / "none"), [RunDir(donor)]) == ["prepare"]
 
 
-def _result(dataset: str, variant: str, item_n10: float, pop_n10: float = 0.01) -> dict:
+def _result(dataset: str, variant: str, item_n10: float, pop_n10: float = 0.01, distinct: int = 100,
+            commit: str = "abcdef0123") -> dict:
     block = {"recall@5": item_n10, "ndcg@5": item_n10 / 2, "recall@10": 2 * item_n10, "ndcg@10": item_n10}
-    return {"dataset": dataset, "variant": variant, "commit": "abcdef0123", "machine": "cpu: test",
+    return {"dataset": dataset, "variant": variant, "commit": commit, "machine": "cpu: test",
             "metrics": {"decoder": "dense" if variant == "dense" else "diffusion", "item": block,
                         "sid": {k: 1.5 * v for k, v in block.items()},
                         "popularity": {k: pop_n10 for k in block}},
-            "train": {"wall_s": 600.0, "parameters": 1000}, "tokenize": {"colliding_items": 5}}
+            "train": {"wall_s": 600.0, "parameters": 1000},
+            "tokenize": {"distinct_codes": distinct, "colliding_items": 5, "max_items_per_code": 3}}
 
 
 def test_the_table_reads_every_result_file_and_summarises_the_seeds(tmp_path):
@@ -120,14 +122,80 @@ def test_the_table_reads_every_result_file_and_summarises_the_seeds(tmp_path):
     readme = reproduce.write_table(found, tmp_path).read_text()
     assert (tmp_path / "cpu" / "ndcg10.png").stat().st_size > 1000
     rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.splitlines() if line.startswith("| ")}
-    assert "| 3.00x |" in rows["DiffGRM: PSE (OPQ) SIDs + OCN + CPD"]  # 0.030 / popularity 0.010
+    assert "| 3.00x |" in rows["DiffGRM: PSE (OPQ) SIDs + OCN + CPD [at abcdef0, not in this clone]"]  # 0.030 / popularity 0.010
     seeds = [values[s] for s in reproduce.SEEDS]
-    assert f"{statistics.mean(seeds):.4f} ± {statistics.stdev(seeds):.4f}" in rows["DiffGRM, 3 seeds: mean ± sd"]
+    sd = statistics.stdev(seeds)
+    assert f"{statistics.mean(seeds):.4f} ± {sd:.4f}" in rows["DiffGRM, 3 training seeds: mean ± sd"]
+    # abcdef0 is no commit of this clone: the row says so; its difference uses the seeds' sd.
+    dense = rows["dense next-item baseline (SASRec-style item softmax) [at abcdef0, not in this clone]"]
+    assert f"| +0.0200 ± {1.96 * 2 ** 0.5 * sd:.4f} |" in dense
     assert "0.0502" in rows["*paper: DiffGRM (SID level, paper scale)*"]
     missing = next(line for line in readme.splitlines() if line.startswith("Not run yet:"))
     listed = set(missing.removeprefix("Not run yet: ").split(" (")[0].split(", "))
     assert listed == {v.name for v in reproduce.VARIANTS if "beauty" in v.datasets} - set(values)
     assert "### Sports" not in readme  # no result files: no table
+
+
+def _write(root, result):
+    path = reproduce.result_path(result["dataset"], result["variant"], root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+
+
+def test_differences_are_read_against_the_larger_of_the_two_spreads(tmp_path):
+    """Training seeds share one set of SIDs (a re-run main row on other SIDs is replaced by
+    its superseded version from history); tokenization seeds are the current rows; the
+    interval uses the larger spread."""
+    old_main = _result("beauty", "diffgrm", 0.020, distinct=100)
+    reproduce.write_json(reproduce.history_path("beauty", "diffgrm", "1234567", tmp_path), old_main)
+    for variant, n10, distinct in (("diffgrm", 0.030, 90), ("diffgrm_seed1", 0.021, 100),
+                                   ("diffgrm_seed2", 0.022, 100), ("diffgrm_tok1", 0.024, 91),
+                                   ("diffgrm_tok2", 0.036, 92), ("ar", 0.025, 90)):
+        _write(tmp_path, _result("beauty", variant, n10, distinct=distinct))
+    results = reproduce.load_results(tmp_path)["beauty"]
+    groups = reproduce.seed_groups(results, reproduce.load_history(tmp_path)["beauty"])
+    assert [r["metrics"]["item"]["ndcg@10"] for r in groups["training seeds"]] == [0.020, 0.021, 0.022]
+    assert [r["metrics"]["item"]["ndcg@10"] for r in groups["tokenization seeds"]] == [0.030, 0.024, 0.036]
+    sd, spreads = reproduce.run_to_run_sd(groups, lambda r: r["metrics"]["item"]["ndcg@10"])
+    assert spreads == pytest.approx({"training seeds": 0.001, "tokenization seeds": 0.006})
+    assert sd == pytest.approx(0.006)
+
+    check = reproduce.compare(results["diffgrm"], _result("beauty", "diffgrm", 0.026, distinct=95), groups)
+    n10 = check["metrics"]["item N@10"]
+    assert n10["diff"] == pytest.approx(-0.004)
+    assert n10["interval"] == pytest.approx([-0.004 - 1.96 * 2 ** 0.5 * 0.006, -0.004 + 1.96 * 2 ** 0.5 * 0.006])
+    assert check["sids"] == {"committed": (90, 5, 3), "head": (95, 5, 3)}
+    text = "\n".join(reproduce.format_check("beauty/diffgrm", check))
+    assert "diff -0.0040" in text and "0 inside" in text and "tokenization seeds 0.0060" in text
+
+
+def test_rows_made_before_a_quality_bearing_change_are_marked_with_their_commit(tmp_path):
+    """A throwaway git repository: a row is current until a later commit touches
+    QUALITY_CODE; a change elsewhere leaves it current."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "diffgrm_dist").mkdir()
+    (tmp_path / "diffgrm_dist" / "model.py").write_text("a = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "model")
+    row = {"commit": git("rev-parse", "HEAD"), "package_dirty": False}
+    assert reproduce.stale_mark(row, tmp_path) == ""
+    assert reproduce.stale_mark({**row, "package_dirty": True}, tmp_path) == f" [at {row['commit'][:7]}*]"
+    (tmp_path / "notes.md").write_text("docs\n")
+    git("add", "-A")
+    git("commit", "-qm", "docs")
+    assert reproduce.stale_mark(row, tmp_path) == ""
+    (tmp_path / "diffgrm_dist" / "model.py").write_text("a = 2\n")
+    git("add", "-A")
+    git("commit", "-qm", "model again")
+    assert reproduce.stale_mark(row, tmp_path) == f" [at {row['commit'][:7]}]"
+    assert reproduce.stale_mark({"commit": "f" * 40}, tmp_path).endswith("not in this clone]")
+    assert reproduce.last_quality_change(tmp_path).endswith("model again")
 
 
 @pytest.mark.shared_data
