@@ -90,13 +90,14 @@ def test_cpd_returns_only_existing_codes_sorted(codes):
             assert (np.diff(row_scores[row >= 0]) <= 0).all()
 
 
-def best_path_scores(model, mem, codes, fill_digits=1):
-    """Brute force: each code's best score over every fill order, filling ``fill_digits``
-    digits per decoder pass (each pass's log-probabilities given the digits filled before)."""
+def best_path_scores(model, mem, codes, fill_digits=1, orders=None):
+    """Brute force: each code's best score over every fill order (or over ``orders``),
+    filling ``fill_digits`` digits per decoder pass (each pass's log-probabilities given the
+    digits filled before)."""
     n = codes.shape[1]
     best = {}
     for code in codes.tolist():
-        for order in itertools.permutations(range(n)):
+        for order in orders or itertools.permutations(range(n)):
             filled = torch.zeros(1, n, dtype=torch.bool)
             total = 0.0
             for start in range(0, n, fill_digits):
@@ -123,12 +124,21 @@ def test_cpd_with_a_huge_beam_equals_exhaustive_scoring(codes):
         np.testing.assert_allclose(scores[user], [v for _, v in expected], rtol=1e-4, atol=1e-4)
 
 
-def test_random_fixed_order_fills_in_that_order(codes):
+@pytest.mark.parametrize("order", [(2, 0, 1), (1, 2, 0)])
+def test_random_fixed_order_fills_in_that_order(codes, order):
+    """With a huge beam and a fixed order, each code's score is the one path that fills the
+    digits in exactly that order (brute force), not its best over all orders: the scores
+    differ from the free CPD's, and the two fixed orders differ from each other."""
     model, cat = tiny_model(), Catalogue(codes, SIZES)
-    order = torch.tensor([2, 0, 1])
-    beams = cpd(model, memory_for(model), cat, beam=8, fill_order=order)
-    assert (beams.groups >= 0).any()
-    assert all(tuple(c) in set(map(tuple, codes.tolist())) for c in beams.codes[beams.groups >= 0].tolist())
+    memory = memory_for(model, users=1)
+    beams = cpd(model, memory, cat, beam=100_000, fill_order=torch.tensor(order))
+    groups, scores = distinct_sids(beams, len(codes))
+    expected = best_path_scores(model, memory, codes, orders=[order])
+    got_codes = [tuple(codes[cat.item_list[cat.item_offsets[g]]].tolist()) for g in groups[0]]
+    assert [c for c, _ in expected] == got_codes
+    np.testing.assert_allclose(scores[0], [v for _, v in expected], rtol=1e-4, atol=1e-4)
+    free = dict(best_path_scores(model, memory, codes))
+    assert any(free[c] > v + 1e-4 for c, v in expected)  # some code had a better order
 
 
 def test_ar_beam_search_with_a_huge_beam_equals_exhaustive_left_to_right(codes):
