@@ -196,6 +196,12 @@ def test_rows_made_before_a_quality_bearing_change_are_marked_with_their_commit(
     assert reproduce.stale_mark(row, tmp_path) == f" [at {row['commit'][:7]}]"
     assert reproduce.stale_mark({"commit": "f" * 40}, tmp_path).endswith("not in this clone]")
     assert reproduce.last_quality_change(tmp_path).endswith("model again")
+    # A change shown to leave every output the same, listed as neutral, leaves the row current.
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "neutral_commits.txt").write_text(
+        f"# sha evidence\n{git('rev-parse', 'HEAD')} a rename; tiny outputs byte-identical\n")
+    assert reproduce.stale_mark(row, tmp_path) == ""
+    assert reproduce.last_quality_change(tmp_path).endswith(" model")
 
 
 @pytest.mark.shared_data

@@ -21,7 +21,8 @@ stage adopted from runs of older code), prints each next to its committed value 
 95% interval of the difference, and writes ``results/checks/<dataset>/<variant>.json``;
 with ``--replace`` the HEAD run becomes the row and the committed one moves to
 ``results/cpu/<dataset>/history/<variant>@<commit>.json``. The table marks every row made
-before the last change to quality-bearing code (``QUALITY_CODE``) with its commit.
+before the last change to quality-bearing code (``QUALITY_CODE``) with its commit; a
+change shown to leave every output the same is listed in ``results/neutral_commits.txt``.
 
 Never part of CI: one run takes 20-60 minutes on 2 CPU cores.
 """
@@ -252,26 +253,52 @@ def run_to_run_sd(groups: dict[str, list[dict]], value) -> tuple[float, dict[str
     return max(spreads.values(), default=float("nan")), spreads
 
 
+def neutral_commits(root: Path = ROOT) -> dict[str, str]:
+    """Commits that touch quality-bearing code but were shown to leave every output the same
+    (``results/neutral_commits.txt``: one ``<full sha> <the evidence>`` per line, e.g. a pure
+    move with byte-identical SIDs, shards, weights and rankings on tiny and demo)."""
+    path = root / "results" / "neutral_commits.txt"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    pairs = (line.split(maxsplit=1) for line in lines if line.strip() and not line.startswith("#"))
+    return {sha: why for sha, *rest in pairs for why in [rest[0] if rest else ""]}
+
+
+def quality_changes_since(commit: str, root: Path = ROOT) -> list[str] | None:
+    """Commits after ``commit`` up to HEAD that touch ``QUALITY_CODE``, less the neutral
+    ones; None when ``commit`` is not in this clone."""
+    out = subprocess.run(["git", "-C", str(root), "rev-list", f"{commit}..HEAD", "--", *QUALITY_CODE],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    neutral = neutral_commits(root)
+    return [sha for sha in out.stdout.split() if sha not in neutral]
+
+
 def stale_mark(result: dict, root: Path = ROOT) -> str:
     """`` [at <commit>]`` when quality-bearing code changed after the row's commit (``*``:
     its package code had uncommitted changes); empty for a row current at HEAD."""
     commit = result.get("commit")
     if not commit:
         return " [commit unknown]"
-    out = subprocess.run(["git", "-C", str(root), "rev-list", "-1", f"{commit}..HEAD", "--", *QUALITY_CODE],
-                         capture_output=True, text=True)
+    changes = quality_changes_since(commit, root)
     dirty = result.get("package_dirty", result.get("dirty"))
-    if out.returncode != 0:
+    if changes is None:
         return f" [at {commit[:7]}{'*' if dirty else ''}, not in this clone]"
-    if out.stdout.strip() or dirty:
+    if changes or dirty:
         return f" [at {commit[:7]}{'*' if dirty else ''}]"
     return ""
 
 
 def last_quality_change(root: Path = ROOT) -> str:
-    out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s", "--", *QUALITY_CODE],
+    """The newest commit touching ``QUALITY_CODE`` that is not listed as neutral."""
+    out = subprocess.run(["git", "-C", str(root), "log", "--format=%H %h %s", "--", *QUALITY_CODE],
                          capture_output=True, text=True)
-    return out.stdout.strip()[:120] if out.returncode == 0 else "unknown"
+    neutral = neutral_commits(root)
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        sha, short_and_subject = line.split(" ", 1)
+        if sha not in neutral:
+            return short_and_subject[:120]
+    return "unknown"
 
 
 def _fmt(values: tuple[float, ...] | list[float]) -> str:
