@@ -96,9 +96,15 @@ class EmbedReport:
     cache_dir: str
 
 
-def cache_key(model: str, texts_digest: str, shard_items: int) -> str:
+def cache_key(model: str, texts_digest: str, shard_items: int, batch_size: int) -> str:
+    """The cache folder's name: everything that changes the vectors' bits. Shard and batch
+    sizes decide the padding each text is encoded with (~1e-7 apart, enough for another
+    code after whitening); library versions decide the kernels."""
+    from importlib.metadata import version
+
     payload = json.dumps({"model": model, "texts": texts_digest, "shard_items": shard_items,
-                          "normalised": True, "order": "by_length"})
+                          "batch_size": batch_size, "normalised": True, "order": "by_length",
+                          "versions": {p: version(p) for p in ("torch", "transformers", "sentence-transformers")}})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -186,7 +192,7 @@ def embed_to_cache(texts: list[str], cache_root: Path, cfg: TokenizeConfig) -> t
     # Shards hold texts of similar length (a stable sort by length), so batches inside an
     # actor carry little padding; rows go back to catalogue order at the end.
     by_length = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=n), kind="stable")
-    folder = cache_root / cache_key(cfg.model, texts_digest(texts), cfg.shard_items)
+    folder = cache_root / cache_key(cfg.model, texts_digest(texts), cfg.shard_items, cfg.batch_size)
     texts = [texts[i] for i in by_length]
     bounds = list(range(0, n, cfg.shard_items)) + [n]
     n_shards = len(bounds) - 1

@@ -60,6 +60,22 @@ def test_embeddings_are_the_models_own(tiny_run):
     np.testing.assert_allclose(np.linalg.norm(shard0, axis=1), 1.0, atol=1e-5)
 
 
+def test_the_embedding_cache_is_keyed_by_what_changes_the_vectors(monkeypatch):
+    """Batch and shard sizes change the padding, hence the bits, and library versions the
+    kernels: a cache made under other ones must not be reused (neither was in the key once)."""
+    import importlib.metadata
+
+    from diffgrm_dist.embed import cache_key
+
+    key = cache_key("m", "digest", 4096, 256)
+    assert key == cache_key("m", "digest", 4096, 256)
+    assert len({key, cache_key("m", "digest", 4096, 64), cache_key("m", "digest", 1024, 256),
+                cache_key("m", "other", 4096, 256), cache_key("m2", "digest", 4096, 256)}) == 5
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.0" if p == "torch" else real(p))
+    assert cache_key("m", "digest", 4096, 256) != key
+
+
 def test_sids_match_the_saved_quantizer(tiny_run):
     quantizer, meta = Quantizer.load(tiny_run / "tokenize" / "quantizer")
     emb = cached_text_embeddings(tiny_run / "embeddings", tiny_run / "prepare" / "items.parquet")
