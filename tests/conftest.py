@@ -1,19 +1,19 @@
-"""Shared fixtures: project paths, the shared data folder, and an in-process CLI runner."""
+"""Shared fixtures: an in-process CLI runner, the tiny run, a local S3 server. Everything
+else tests share lives in ``tests/helpers``."""
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+import sys
 
 import pytest
 
 from diffgrm_dist.cli import main
+from helpers.paths import CONFIGS, ROOT
+from helpers.s3 import S3_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-SHARED_DATA = Path(os.environ.get("DIFFGRM_SHARED_DATA", ROOT.parent / "shared" / "data"))
-AMAZON = SHARED_DATA / "amazon2014"
+sys.path.insert(0, str(ROOT / "tools"))  # tests import the tools they check (reproduce, chaos's faultlib)
 
 
 @pytest.fixture
@@ -28,14 +28,6 @@ def run_cli(capsys):
     return run
 
 
-def require_amazon(name: str) -> Path:
-    """The dataset's folder, or a skip when ../shared/data is not beside the project."""
-    folder = AMAZON / name
-    if not (folder / "user_sequence.txt").is_file():
-        pytest.skip(f"{folder} not present")
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """configs/tiny.yaml through prepare, tokenize (real model on Ray, real faiss) and shard,
@@ -44,10 +36,6 @@ def tiny_run(tmp_path_factory):
     for stage in ("prepare", "tokenize", "shard"):
         assert main([stage, "-c", str(CONFIGS / "tiny.yaml"), "-o", str(run)]) == 0, stage
     return run
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "moto-secret-value",
-          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +61,3 @@ def s3_endpoint():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def s3_uri(endpoint: str, name: str) -> str:
-    return f"s3://runs/{name}?endpoint_override={endpoint}&scheme=http&region=us-east-1"

@@ -1,12 +1,7 @@
 """tools/arch_report.py on a made-up package: the circle, the lazy import, the private name
 imported across modules and the long function are all found."""
 
-import sys
-
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-import arch_report  # noqa: E402
+import arch_report
 
 
 def test_report_finds_circles_private_imports_and_long_functions(tmp_path):

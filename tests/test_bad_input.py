@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from datafiles import SEQUENCES, write_amazon_raw_dataset, write_movielens_dataset, write_sequence_dataset
+from helpers.datafiles import SEQUENCES, write_amazon_raw_dataset, write_movielens_dataset, write_sequence_dataset
 
 
 def run_prepare(run_cli, tmp_path, data_dir, *overrides):
@@ -111,7 +111,7 @@ def test_user_with_no_items_at_all_is_a_short_user(tmp_path, run_cli):
 
 
 def test_item_with_no_text(tmp_path, run_cli):
-    from datafiles import TITLES
+    from helpers.datafiles import TITLES
 
     data = write_sequence_dataset(tmp_path / "d", titles={**TITLES, "C": "  "})
     code, _, err, out = run_prepare(run_cli, tmp_path, data)

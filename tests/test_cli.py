@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from conftest import CONFIGS, ROOT
+from helpers.paths import CONFIGS, ROOT
 
 
 def diffgrm_exe() -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from pyarrow import fs as pafs
 
-from conftest import ROOT, S3_ENV, s3_uri
+from helpers.paths import ROOT
+from helpers.s3 import S3_ENV, s3_uri
 
 VENV_BIN = Path(sys.executable).parent
 STAGES = ("prepare", "tokenize", "shard", "train", "evaluate")

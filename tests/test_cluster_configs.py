@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers.paths import ROOT
 from diffgrm_dist.config import load_config
 from diffgrm_dist.stages import PIPELINE
 from diffgrm_dist.submit import (REDACTED, WORKING_DIR_EXCLUDES, entrypoint_for, redact,

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONFIGS
-from runfiles import cached_text_embeddings, sid_codes
+from helpers.paths import CONFIGS
+from helpers.runfiles import cached_text_embeddings, sid_codes
 from diffgrm_dist.collaborative import cooccurrence, join, ppmi_svd
 from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.quantize import Quantizer

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, ROOT
+from helpers.paths import CONFIGS, ROOT
 from diffgrm_dist.config import ExperimentConfig, load_config, section_hash
 from diffgrm_dist.errors import ConfigError
 

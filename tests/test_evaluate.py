@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONFIGS
+from helpers.paths import CONFIGS
 
 TINY = CONFIGS / "tiny.yaml"
 

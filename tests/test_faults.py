@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import CONFIGS
+from helpers.paths import CONFIGS
 from diffgrm_dist.config import ModelConfig
 from diffgrm_dist.errors import DataError, DiffGRMError
 from diffgrm_dist.export import EXPORT_WEIGHTS, export_weights, load_exported

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers.paths import ROOT
 
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check  # noqa: E402
+import gpu_check
 
 TOOL = ROOT / "tools" / "gpu_check.py"
 BLOCKED = ("ray", "faiss", "sentence_transformers", "transformers", "matplotlib", "wandb", "recbole")

@@ -1,5 +1,5 @@
 """The GPU path without a GPU: training steps, validation and evaluation with the model on a
-second, device-strict stand-in device (tests/standin_device.py), so a batch, a catalogue
+second, device-strict stand-in device (tests/helpers/standin_device.py), so a batch, a catalogue
 table or a collective left on the CPU fails here as it fails on CUDA ("Expected all tensors
 to be on the same device"). At 49ba7a7 validation and ranking fail this way (they decoded on
 ``device="cpu"`` whatever the model's device) and the training loop fed CPU batches to the
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS
+from helpers.paths import CONFIGS
 from diffgrm_dist.config import load_config
 from diffgrm_dist.decode import catalogue_for
 from diffgrm_dist.model import DiffGRM, SidSpec
@@ -20,7 +20,7 @@ from diffgrm_dist.shard import ShardSet
 from diffgrm_dist.sids import load_sids
 from diffgrm_dist.train import (build_model, build_objective, sum_over_ranks, train_step, training_batches,
                                 validate, validation_queries)
-from standin_device import standin_device
+from helpers.standin_device import standin_device
 
 TINY = CONFIGS / "tiny.yaml"
 DECODERS = ("diffusion", "autoregressive", "dense")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONFIGS
+from helpers.paths import CONFIGS
 from diffgrm_dist.embed import ParquetEmbeddings
 from diffgrm_dist.errors import DataError
 from diffgrm_dist.quantize import Quantizer

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONFIGS
-from datafiles import write_sequence_dataset
+from helpers.paths import CONFIGS
+from helpers.datafiles import write_sequence_dataset
 from diffgrm_dist.config import ExperimentConfig, PrepareConfig, load_config
 from diffgrm_dist.prepare import leave_one_out, prepare
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from datafiles import SEQUENCES, write_amazon_raw_dataset, write_movielens_dataset, write_sequence_dataset
+from helpers.datafiles import SEQUENCES, write_amazon_raw_dataset, write_movielens_dataset, write_sequence_dataset
 from diffgrm_dist.config import DataConfig, SyntheticConfig
 from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.readers import RawData, read_raw

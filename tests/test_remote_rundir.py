@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from conftest import CONFIGS, s3_uri
+from helpers.paths import CONFIGS
+from helpers.s3 import s3_uri
 from diffgrm_dist.errors import ConfigError, DataError
 from diffgrm_dist.rundir import MANIFEST, RemoteStore, RunDir, StageRecord, display_uri
 from diffgrm_dist.shard import BalancedBatches, IndexedWindows, ShardSet, ShardStream, ShuffledBatches

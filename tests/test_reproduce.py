@@ -7,17 +7,15 @@ import dataclasses
 import json
 import shutil
 import statistics
-import sys
 
 import pytest
 
-from conftest import CONFIGS, ROOT, require_amazon
+from helpers.paths import CONFIGS, require_amazon
 from diffgrm_dist.config import load_config, section_hash
 from diffgrm_dist.rundir import RunDir
 from diffgrm_dist.stages import STAGES, adopt_current_stages, stage_record
 
-sys.path.insert(0, str(ROOT / "tools"))
-import reproduce  # noqa: E402
+import reproduce
 
 SCALE_KEYS = {"model": ("d_model", "heads", "ffn", "decoder_layers"),
               "train": ("lr", "warmup_steps", "batch_size", "epochs", "patience", "valid_start_epoch", "bucket_batches",

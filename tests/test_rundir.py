@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from conftest import CONFIGS
+from helpers.paths import CONFIGS
 from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
 
 

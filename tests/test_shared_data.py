@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import CONFIGS, require_amazon
+from helpers.paths import CONFIGS, require_amazon
 from diffgrm_dist.config import load_config
 
 EXPECTED = {  # users, items, interactions: the paper's table

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import CONFIGS, ROOT
+from helpers.paths import CONFIGS, ROOT
 from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.stress import expand, load_stress_config
 

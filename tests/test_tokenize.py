@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONFIGS
-from runfiles import cached_text_embeddings, sid_codes
+from helpers.paths import CONFIGS
+from helpers.runfiles import cached_text_embeddings, sid_codes
 from diffgrm_dist.config import load_config
 from diffgrm_dist.embed import load_model, encode
 from diffgrm_dist.quantize import Quantizer

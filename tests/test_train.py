@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIGS
+from helpers.paths import CONFIGS
 from diffgrm_dist.config import load_config
 from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.model import SidSpec

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import device_string, git_info, write_json  # noqa: E402
 from faultlib import DIFFGRM, run_with_one_kill  # noqa: E402
