@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,3 +143,10 @@ def node_id() -> str:
 def cpus_per_worker(resources: ClusterResources, workers: int) -> int:
     """An even share of the cluster's CPUs that still fits on one node."""
     return max(1, min(resources.cpus // max(workers, 1), resources.max_node_cpus or 1))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

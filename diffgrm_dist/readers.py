@@ -28,7 +28,6 @@ import json
 import re
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +36,9 @@ import pyarrow as pa
 
 from diffgrm_dist.config import DataConfig
 from diffgrm_dist.errors import ConfigError, DataError
+from diffgrm_dist.rawdata import RawData
+from diffgrm_dist.synthetic import generate
 from diffgrm_dist.text import template_fields
-
-
-@dataclass
-class RawData:
-    """Interactions and item fields as read, before filtering and splitting.
-
-    ``items`` has a string column ``item_id``, one string column per text field, and an
-    int column ``line`` (where the item was defined in ``item_source``, for errors).
-    User ``u``'s items, oldest first, are ``items`` rows ``seq[offsets[u]:offsets[u+1]]``.
-    """
-
-    items: pa.Table
-    item_source: str
-    user_ids: pa.Array
-    offsets: np.ndarray
-    seq: np.ndarray
-    sources: list[Path] = field(default_factory=list)
-    drops: dict[str, int] = field(default_factory=dict)
 
 
 def read_raw(cfg: DataConfig) -> RawData:
@@ -67,8 +50,6 @@ def read_raw(cfg: DataConfig) -> RawData:
     if cfg.format == "movielens":
         return read_movielens(cfg)
     if cfg.format == "synthetic":
-        from diffgrm_dist.synthetic import generate
-
         return generate(cfg.synthetic)
     raise ConfigError(f"data.format: unknown format {cfg.format!r}")
 

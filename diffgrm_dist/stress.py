@@ -268,11 +268,11 @@ def measure_train(point: TrainPoint, steps: int, history: int, seed: int, thread
     """Samples/s of DeepSpeed training steps, one process per rank (spawned here)."""
     import torch.multiprocessing as mp
 
-    from diffgrm_dist.train import _free_port
+    from diffgrm_dist.raycluster import free_port
 
     result = Path(tempfile.gettempdir()) / f"diffgrm-stress-{uuid.uuid4().hex[:8]}.json"
     try:
-        mp.spawn(_train_rank, args=(point, steps, history, seed, threads, _free_port(), str(result)),
+        mp.spawn(_train_rank, args=(point, steps, history, seed, threads, free_port(), str(result)),
                  nprocs=point.world_size, join=True)
         return json.loads(result.read_text())
     finally:
@@ -286,12 +286,13 @@ def _train_rank(rank: int, point: TrainPoint, steps: int, history: int, seed: in
 
     from diffgrm_dist.config import ExperimentConfig, TrainConfig
     from diffgrm_dist.model import SidSpec
-    from diffgrm_dist.train import _skip_cpu_shm_build, build_engine
+    from diffgrm_dist.train import build_engine, use_device
 
     gpu = torch.cuda.is_available()
     if threads:
         torch.set_num_threads(threads)
-    _skip_cpu_shm_build()
+    if not gpu:  # gloo needs no shared-memory op: skip DeepSpeed's 40 s compile of it
+        use_device(torch.device("cpu"))
     import deepspeed
 
     from diffgrm_dist.raycluster import quiet_library_logs

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from diffgrm_dist.config import SyntheticConfig
 from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.readers import RawData
+from diffgrm_dist.rawdata import RawData
 
 _CONSONANTS = list("bcdfghjklmnprstvz")
 _VOWELS = list("aeiou")

@@ -53,7 +53,7 @@ from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.objectives import AutoregressiveObjective, DenseObjective, DiffusionObjective, no_dropout
 from diffgrm_dist.ranking import Queries, rank_queries
-from diffgrm_dist.raycluster import ClusterResources, cpus_per_worker, quiet_library_logs
+from diffgrm_dist.raycluster import ClusterResources, cpus_per_worker, free_port, quiet_library_logs
 from diffgrm_dist.rundir import RunDir, file_sha256
 from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, ShuffledBatches, split_range
 from diffgrm_dist.sids import load_sids
@@ -186,20 +186,7 @@ def init_local_process_group(device: torch.device | None = None) -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-
-
-def _skip_cpu_shm_build() -> None:
-    """DeepSpeed compiles a shared-memory comm op (40 s of g++) on first CPU init; gloo
-    does not need it (used by the stress harness, which builds engines without a trainer)."""
-    if not torch.cuda.is_available():
-        use_device(torch.device("cpu"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                                   init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -5,7 +5,6 @@ Deselect with `-m "not cluster"`."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,17 +13,12 @@ from pathlib import Path
 import pytest
 from pyarrow import fs as pafs
 
+from diffgrm_dist.raycluster import free_port
 from helpers.paths import ROOT
 from helpers.s3 import S3_ENV, s3_uri
 
 VENV_BIN = Path(sys.executable).parent
 STAGES = ("prepare", "tokenize", "shard", "train", "evaluate")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_json(fs: pafs.FileSystem, path: str) -> dict:

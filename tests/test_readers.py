@@ -4,7 +4,8 @@ import pytest
 from helpers.datafiles import SEQUENCES, write_amazon_raw_dataset, write_movielens_dataset, write_sequence_dataset
 from diffgrm_dist.config import DataConfig, SyntheticConfig
 from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.readers import RawData, read_raw
+from diffgrm_dist.rawdata import RawData
+from diffgrm_dist.readers import read_raw
 from diffgrm_dist.synthetic import generate
 
 

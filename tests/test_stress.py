@@ -4,7 +4,6 @@ cluster (marked `cluster`)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from diffgrm_dist.raycluster import free_port
 from helpers.paths import CONFIGS, ROOT
 from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.stress import expand, load_stress_config
@@ -117,12 +117,6 @@ def test_a_point_that_rays_memory_monitor_kills_is_recorded_and_the_sweep_goes_o
     assert row["status"] == "oom" and "Ray's memory monitor" in row["limit"] and "GB used" in row["limit"]
     assert len(row["node_id"]) == 56 and row["hostname"]  # Ray names the node it killed the task on
     assert "oom (Ray's memory monitor" in (out / "report.md").read_text()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.cluster

@@ -59,7 +59,6 @@ import contextlib
 import functools
 import inspect
 import json
-import os
 import shlex
 import subprocess
 import sys
