@@ -40,10 +40,10 @@ from diffgrm_dist.config import EvalConfig, ExperimentConfig
 from diffgrm_dist.decode import catalogue_for
 from diffgrm_dist.errors import ConfigError, DataError
 from diffgrm_dist.export import load_exported
-from diffgrm_dist.prepare import read_rows, row_group_starts
 from diffgrm_dist.ranking import CPU_BATCH_USERS, MAX_BATCH_USERS, Queries, rank_queries
 from diffgrm_dist.rundir import atomic_file
 from diffgrm_dist.sids import SidTable, load_sids
+from diffgrm_dist.splits import read_rows, row_group_starts
 
 log = logging.getLogger(__name__)
 

@@ -207,24 +207,3 @@ def write_prepared(prepared: Prepared, out: Path, users_per_block: int = USERS_P
         for writer in writers.values():
             writer.close()
     (out / "stats.json").write_text(json.dumps(prepared.stats, indent=2) + "\n")
-
-
-def load_split(stage_dir: Path, name: str) -> pa.Table:
-    """Reads one of the prepared tables back."""
-    return pq.read_table(stage_dir / f"{name}.parquet")
-
-
-def row_group_starts(meta: pq.FileMetaData) -> np.ndarray:
-    """First row of each row group of a Parquet file, then its row count."""
-    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
-
-
-def read_rows(path: Path, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
-    """Rows ``[start, end)`` (not empty) of a Parquet file, decoding only the row groups
-    that hold them."""
-    file = pq.ParquetFile(path)
-    starts = row_group_starts(file.metadata)
-    groups = np.nonzero((starts[:-1] < end) & (starts[1:] > start))[0]
-    table = file.read_row_groups(groups.tolist(), columns=columns)
-    return table.slice(start - int(starts[groups[0]]), end - start)

@@ -20,8 +20,8 @@ from diffgrm_dist.config import EvalConfig
 from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, recommend_batch
 from diffgrm_dist.metrics import KS, item_and_sid_metrics
 from diffgrm_dist.model import DiffGRM, SidSpec, autocast_type
-from diffgrm_dist.prepare import row_group_starts
 from diffgrm_dist.ragged import left_pad_index
+from diffgrm_dist.splits import row_group_starts
 
 
 @dataclass

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from helpers.paths import CONFIGS
 
 TINY = CONFIGS / "tiny.yaml"
@@ -43,8 +42,8 @@ def regrouped(trained, tmp_path_factory):
 
 def test_read_rows_and_chunks_follow_row_groups(regrouped):
     from diffgrm_dist.evaluate import chunk_bounds
-    from diffgrm_dist.prepare import read_rows
     from diffgrm_dist.ranking import Queries
+    from diffgrm_dist.splits import read_rows
 
     path = regrouped / "prepare" / "test.parquet"
     whole = pq.read_table(path)
