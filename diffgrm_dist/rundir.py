@@ -95,6 +95,13 @@ class StageRecord:
     config_hash: str
     inputs: dict[str, str] = field(default_factory=dict)  # name -> content hash
 
+    @property
+    def key(self) -> str:
+        """One hash of everything the output depends on: names a stage's work in progress
+        (e.g. training checkpoints), so a changed config or input never resumes stale state."""
+        payload = json.dumps([self.stage, self.config_hash, sorted(self.inputs.items())])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
 
 def is_uri(root: str | Path) -> bool:
     """Whether a run directory names a filesystem URI (``scheme://...``) rather than a path."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +15,43 @@ from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
 log = logging.getLogger(__name__)
 
 
+def whole(section: Any) -> Any:
+    return section
+
+
+def no_files(cfg: ExperimentConfig) -> dict[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage:
-    """A named step: the config sections it reads, the stages it reads, and its body."""
+    """A named step and everything its output depends on: the config sections it reads
+    (through ``views``, where it reads only part of one), the files outside the run
+    directory it reads (``files``: name -> content hash), the stages it reads, and its
+    body, which gets the stage's record (``StageRecord.key`` names its work in progress)."""
 
     name: str
     sections: tuple[str, ...]
     upstream: tuple[str, ...]
-    run: Callable[[ExperimentConfig, RunDir, Path], dict[str, Any]]
+    run: Callable[[ExperimentConfig, RunDir, Path, StageRecord], dict[str, Any]]
+    views: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    files: Callable[[ExperimentConfig], dict[str, str]] = no_files
     mirrored: bool = True  # False: a URI run's copy stays in the bucket only (read in place)
 
 
-def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+def raw_data_files(cfg: ExperimentConfig) -> dict[str, str]:
+    """Content hashes of the raw files prepare will read."""
+    from diffgrm_dist.readers import source_files
+
+    return {f"file:{p.name}": file_sha256(p)[:16] for p in source_files(cfg.data) if p.is_file()}
+
+
+def embeddings_file(cfg: ExperimentConfig) -> dict[str, str]:
+    """The content hash of a team's own embeddings file, when tokenize reads one."""
+    return {"file:embeddings": embeddings_hash(cfg.tokenize.embeddings)} if cfg.tokenize.embeddings else {}
+
+
+def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
     from diffgrm_dist.prepare import prepare, write_prepared
 
     prepared = prepare(cfg)
@@ -34,35 +59,36 @@ def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str,
     return prepared.stats
 
 
-def _run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+def _run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
     from diffgrm_dist.tokenize import run_tokenize
 
     return run_tokenize(cfg, run_dir, out)
 
 
-def _run_shard(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+def _run_shard(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
     from diffgrm_dist.shard import run_shard
 
     return run_shard(cfg, run_dir, out)
 
 
-def _run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+def _run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
     from diffgrm_dist.train import run_train
 
-    return run_train(cfg, run_dir, out)
+    return run_train(cfg, run_dir, out, work_key=record.key)
 
 
-def _run_evaluate(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
+def _run_evaluate(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
     from diffgrm_dist.evaluate import run_evaluate
 
     return run_evaluate(cfg, run_dir, out)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", ("data", "prepare"), (), _run_prepare),
-    Stage("tokenize", ("tokenize",), ("prepare",), _run_tokenize),
+    Stage("prepare", ("data", "prepare"), (), _run_prepare, files=raw_data_files),
+    Stage("tokenize", ("tokenize",), ("prepare",), _run_tokenize, files=embeddings_file),
     Stage("shard", ("shard",), ("prepare", "tokenize"), _run_shard, mirrored=False),
-    Stage("train", ("model", "train", "eval"), ("shard", "tokenize"), _run_train),
+    # Training validates with part of the eval section: only that part decides whether it re-runs.
+    Stage("train", ("model", "train", "eval"), ("shard", "tokenize"), _run_train, views={"eval": validation_view}),
     Stage("evaluate", ("eval",), ("train", "tokenize", "prepare"), _run_evaluate),
 )}
 PIPELINE = tuple(STAGES)
@@ -83,18 +109,8 @@ def embeddings_hash(path: str) -> str:
 
 def stage_record(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir) -> StageRecord:
     """Config hash of the stage's sections; input hashes of raw files and upstream manifests."""
-    # Training validates with part of the eval section: only that part decides whether it re-runs.
-    sections = [validation_view(cfg.eval) if stage.name == "train" and s == "eval" else getattr(cfg, s)
-                for s in stage.sections]
-    inputs: dict[str, str] = {}
-    if stage.name == "prepare":
-        from diffgrm_dist.readers import source_files
-
-        for path in source_files(cfg.data):
-            if path.is_file():
-                inputs[f"file:{path.name}"] = file_sha256(path)[:16]
-    if stage.name == "tokenize" and cfg.tokenize.embeddings:
-        inputs["file:embeddings"] = embeddings_hash(cfg.tokenize.embeddings)
+    sections = [stage.views.get(s, whole)(getattr(cfg, s)) for s in stage.sections]
+    inputs = stage.files(cfg)
     for up in stage.upstream:
         inputs[f"stage:{up}"] = run_dir.manifest_hash(up)
     return StageRecord(stage.name, section_hash(cfg.seed, *sections), inputs)
@@ -110,7 +126,7 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
         return json.loads(stats) if stats else {}
     config = {"seed": cfg.seed, **{s: to_dict(getattr(cfg, s)) for s in stage.sections}}
     with run_dir.write_stage(record, config, mirror=stage.mirrored) as out:
-        stats = stage.run(cfg, run_dir, out)
+        stats = stage.run(cfg, run_dir, out, record)
     log.info("%s: written to %s/%s", name, run_dir.display, name)
     return stats
 

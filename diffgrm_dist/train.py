@@ -628,13 +628,10 @@ def _wandb(cfg: ExperimentConfig, out_dir: Path):
 # --------------------------------------------------------------------------- stage
 
 
-def run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path) -> dict[str, Any]:
-    from diffgrm_dist.config import section_hash, validation_view
-
-    # Checkpoints of an interrupted run live here until the stage completes; the key ties
-    # them to this config and these shards, so a changed config never resumes stale state.
-    key = section_hash(cfg.seed, cfg.model, cfg.train, validation_view(cfg.eval), run_dir.manifest_hash("shard"))
-    work_rel = f"train.work/{key}"
+def run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path, work_key: str) -> dict[str, Any]:
+    """``work_key`` (the stage record's key) names where checkpoints of an interrupted run
+    live until the stage completes: a changed config or input never resumes stale state."""
+    work_rel = f"train.work/{work_key}"
     work = run_dir.root / work_rel
     config = {"cfg": cfg, "run_dir": run_dir.spec, "out_dir": str(out),
               "work_dir": str(work / "local"), "launcher": cfg.train.launcher}
