@@ -16,7 +16,7 @@ user; all beams of a user read them through grouped cross-attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -645,18 +645,34 @@ class Ranked:
     groups: np.ndarray
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a batch of users is decoded: the beam width and the decoder's search, with CPD's
+    options (``final_step``; the test-time ``fill_order`` and ``fill_digits``, which
+    training's validation leaves at their defaults)."""
+
+    beam: int
+    decoder: str = "diffusion"  # diffusion (CPD) | autoregressive (beam search) | dense (no search)
+    final_step: str = "global"
+    fill_order: torch.Tensor | None = None  # a fixed digit order (the ablation); None: by confidence
+    fill_digits: int = 1  # digits CPD fills per decoder pass
+
+    def to(self, device: torch.device) -> SearchOptions:
+        """The same options with ``fill_order`` on ``device``."""
+        return self if self.fill_order is None else replace(self, fill_order=self.fill_order.to(device))
+
+
 @torch.no_grad()
 def decode_beams(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
-                 catalogue: CatalogueIndex, beam: int, decoder: str = "diffusion",
-                 final_step: str = "global", fill_order: torch.Tensor | None = None,
-                 fill_digits: int = 1) -> Beams:
+                 catalogue: CatalogueIndex, options: SearchOptions) -> Beams:
     """Beam search over codes for one batch of histories (CPD or AR)."""
     memory = model.encode(history, history_mask)
-    if decoder == "autoregressive":
-        return ar_beam_search(model, memory, catalogue, beam)
-    if decoder == "diffusion":
-        return cpd(model, memory, catalogue, beam, final_step, fill_order, fill_digits)
-    raise ValueError(f"model.decoder: {decoder!r} has no beam search")
+    if options.decoder == "autoregressive":
+        return ar_beam_search(model, memory, catalogue, options.beam)
+    if options.decoder == "diffusion":
+        return cpd(model, memory, catalogue, options.beam, options.final_step, options.fill_order,
+                   options.fill_digits)
+    raise ValueError(f"model.decoder: {options.decoder!r} has no beam search")
 
 
 @torch.no_grad()
@@ -673,15 +689,13 @@ def dense_top_items(model: DiffGRM, history: torch.Tensor, history_mask: torch.T
 
 @torch.no_grad()
 def recommend_batch(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tensor,
-                    catalogue: CatalogueIndex, beam: int, k: int, decoder: str = "diffusion",
-                    final_step: str = "global", fill_order: torch.Tensor | None = None,
-                    rules: tuple[str, ...] = ("code_prob",), fill_digits: int = 1) -> dict[str, Ranked]:
+                    catalogue: CatalogueIndex, options: SearchOptions, k: int,
+                    rules: tuple[str, ...] = ("code_prob",)) -> dict[str, Ranked]:
     """Top-k items under each item rule in ``rules`` (one beam search serves them all)."""
-    if decoder == "dense":
+    if options.decoder == "dense":
         ranked = dense_top_items(model, history, history_mask, catalogue.item_group, k)
         return {rule: ranked for rule in rules}
-    beams = decode_beams(model, history, history_mask, catalogue, beam, decoder, final_step, fill_order,
-                         fill_digits)
+    beams = decode_beams(model, history, history_mask, catalogue, options)
     return {rule: rank_items(beams, catalogue, k, rule) for rule in rules}
 
 

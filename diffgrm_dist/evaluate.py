@@ -37,7 +37,7 @@ import torch
 
 from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import EvalConfig, ExperimentConfig
-from diffgrm_dist.decode import catalogue_for
+from diffgrm_dist.decode import SearchOptions, catalogue_for
 from diffgrm_dist.errors import ConfigError, DataError
 from diffgrm_dist.export import load_exported
 from diffgrm_dist.ranking import CPU_BATCH_USERS, MAX_BATCH_USERS, Queries, rank_queries
@@ -94,8 +94,8 @@ class Ranker:
 
     def decode(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
-        return rank_queries(self.model, queries, self.sids, self.catalogue, self.cfg, beam,
-                            self.decoder, self.fill_order, self.cfg.fill_digits)
+        options = SearchOptions(beam, self.decoder, self.cfg.final_step, self.fill_order, self.cfg.fill_digits)
+        return rank_queries(self.model, queries, self.sids, self.catalogue, self.cfg, options)
 
     def rank(self, chunk: int, start: int, end: int, beam: int, out_dir: str) -> Part:
         """Ranks rows ``[start, end)`` of the split into part ``chunk``: written atomically

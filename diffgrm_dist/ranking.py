@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from diffgrm_dist.config import EvalConfig
-from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, recommend_batch
+from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, SearchOptions, recommend_batch
 from diffgrm_dist.metrics import KS, item_and_sid_metrics
 from diffgrm_dist.model import DiffGRM, SidSpec, autocast_type
 from diffgrm_dist.ragged import left_pad_index
@@ -123,28 +123,24 @@ def batch_users(cfg: EvalConfig, device: torch.device, beam: int, spec: SidSpec)
 
 @torch.no_grad()
 def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: CatalogueIndex,
-                 cfg: EvalConfig, beam: int, decoder: str, fill_order: torch.Tensor | None = None,
-                 fill_digits: int = 1) -> dict[str, np.ndarray]:
+                 cfg: EvalConfig, options: SearchOptions) -> dict[str, np.ndarray]:
     """Top-k items (under ``cfg.item_rule``), their scores and the top distinct SIDs per user;
     with targets, per-user metric values keyed ``item/…`` (the configured rule), ``sid/…``,
-    and ``item.<rule>/…`` for every item rule (one beam search serves them all). ``fill_order``
-    and ``fill_digits`` are test-time decoding options (training validates without them).
+    and ``item.<rule>/…`` for every item rule (one beam search serves them all).
     Batches are decoded on the model's device (GPU, CPU), whatever device the caller is on."""
     device = next(model.parameters()).device
     pinned = device.type == "cuda"
-    size = batch_users(cfg, device, beam, model.spec)
+    size = batch_users(cfg, device, options.beam, model.spec)
     k = max(cfg.top_k, max(KS))
-    rules = (cfg.item_rule,) if decoder == "dense" else ITEM_RULES
+    rules = (cfg.item_rule,) if options.decoder == "dense" else ITEM_RULES
     parts: dict[str, list[np.ndarray]] = {}
-    if fill_order is not None:
-        fill_order = fill_order.to(device)
+    options = options.to(device)
     for start in range(0, len(queries), size):
         part = queries.chunk(start, min(start + size, len(queries)))
         history, mask = (t.pin_memory() if pinned else t for t in part.padded(sids, model.spec.max_history))
         with torch.autocast(autocast_type(device), dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             ranked = recommend_batch(model, history.to(device, non_blocking=True),
-                                     mask.to(device, non_blocking=True), catalogue, beam, k,
-                                     decoder, cfg.final_step, fill_order, rules, fill_digits)
+                                     mask.to(device, non_blocking=True), catalogue, options, k, rules)
         main = ranked[cfg.item_rule]
         for key, value in (("items", main.items), ("scores", main.scores), ("groups", main.groups)):
             parts.setdefault(key, []).append(value)
@@ -153,7 +149,7 @@ def rank_queries(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue
         for key, value in item_and_sid_metrics(main.items, main.groups, part.targets,
                                                catalogue.item_group).items():
             parts.setdefault(key, []).append(value)
-        if decoder != "dense":
+        if options.decoder != "dense":
             for rule, r in ranked.items():
                 for key, value in item_and_sid_metrics(r.items, r.groups, part.targets,
                                                        catalogue.item_group).items():

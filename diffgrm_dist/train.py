@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import ExperimentConfig, ModelConfig, TrainConfig
-from diffgrm_dist.decode import CatalogueIndex, catalogue_for
+from diffgrm_dist.decode import CatalogueIndex, SearchOptions, catalogue_for
 from diffgrm_dist.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights, load_exported
 from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec
@@ -339,7 +339,8 @@ def validate(model: DiffGRM, queries: Queries, sids: torch.Tensor, catalogue: Ca
     """Item- and SID-level Recall/NDCG@5/10 of this rank's users (ranked on the model's
     device), summed over all ranks."""
     with no_dropout(model):
-        values = rank_queries(model, queries, sids, catalogue, cfg.eval, beam, cfg.model.decoder)
+        options = SearchOptions(beam, cfg.model.decoder, cfg.eval.final_step)  # no test-time options
+        values = rank_queries(model, queries, sids, catalogue, cfg.eval, options)
     names = sorted(k for k in values if "/" in k)
     totals = sum_over_ranks([len(queries), *[float(values[k].sum()) for k in names]],
                             next(model.parameters()).device)

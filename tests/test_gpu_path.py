@@ -13,7 +13,7 @@ import torch
 
 from helpers.paths import CONFIGS
 from diffgrm_dist.config import load_config
-from diffgrm_dist.decode import catalogue_for
+from diffgrm_dist.decode import SearchOptions, catalogue_for
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.ranking import Queries, rank_queries
 from diffgrm_dist.shard import ShardSet
@@ -95,13 +95,13 @@ def test_validation_and_ranking_run_on_the_models_device_and_match_the_cpu(tiny_
     test = Queries.from_split(tiny_run / "prepare", "test")
     fill_order = torch.from_numpy(np.random.default_rng(0).permutation(len(sid_table.sizes)))
     fill_order = fill_order if decoder == "diffusion" else None
+    test_options = SearchOptions(cfg.eval.beam_size, decoder, cfg.eval.final_step, fill_order)
     want_valid = validate(model, valid, sids, catalogue, cfg, cfg.eval.valid_beam_size)
-    want_test = rank_queries(model.eval(), test, sids, catalogue, cfg.eval, cfg.eval.beam_size, decoder, fill_order)
+    want_test = rank_queries(model.eval(), test, sids, catalogue, cfg.eval, test_options)
     with standin_device() as device:
         moved: DiffGRM = copy.deepcopy(model).to(device)
         got_valid = validate(moved, valid, sids, catalogue, cfg, cfg.eval.valid_beam_size)
-        got_test = rank_queries(moved.eval(), test, sids, catalogue, cfg.eval, cfg.eval.beam_size, decoder,
-                                fill_order)
+        got_test = rank_queries(moved.eval(), test, sids, catalogue, cfg.eval, test_options)
     assert got_valid == pytest.approx(want_valid, rel=1e-6)
     assert got_test.keys() == want_test.keys()
     for key, value in want_test.items():
@@ -120,13 +120,14 @@ def test_attention_in_slices_ranks_exactly_as_one_call(tiny_run, monkeypatch):
     for decoder in ("diffusion", "autoregressive"):
         cfg, _, sid_table, model = tiny_parts(tiny_run, decoder)
         sids, catalogue = torch.from_numpy(sid_table.codes.astype(np.int64)), catalogue_for(sid_table)
-        whole = rank_queries(model.eval(), test, sids, catalogue, cfg.eval, cfg.eval.beam_size, decoder)
+        options = SearchOptions(cfg.eval.beam_size, decoder, cfg.eval.final_step)
+        whole = rank_queries(model.eval(), test, sids, catalogue, cfg.eval, options)
         calls: list[int] = []
         sdpa = torch.nn.functional.scaled_dot_product_attention
         monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
                             lambda q, *a, **kw: calls.append(q.shape[0] * q.shape[1]) or sdpa(q, *a, **kw))
         monkeypatch.setitem(model_module.ATTENTION_BATCH_LIMIT, "cpu", 64)
-        sliced = rank_queries(model, test, sids, catalogue, cfg.eval, cfg.eval.beam_size, decoder)
+        sliced = rank_queries(model, test, sids, catalogue, cfg.eval, options)
         monkeypatch.undo()
         assert max(calls) <= 64 and len(calls) > 4 * cfg.model.decoder_layers  # really sliced
         for key, value in whole.items():  # the kernel's sums may differ in the last bit
@@ -189,9 +190,10 @@ def test_bf16_autocast_ranks_the_top10_as_fp32(bf16_run):
     sids, catalogue = torch.from_numpy(sid_table.codes.astype(np.int64)), catalogue_for(sid_table)
     model = load_exported(bf16_run / "train")
     test = Queries.from_split(bf16_run / "prepare", "test")
-    fp32 = rank_queries(model, test, sids, catalogue, cfg.eval, 32, "diffusion")
+    options = SearchOptions(32, "diffusion", cfg.eval.final_step)
+    fp32 = rank_queries(model, test, sids, catalogue, cfg.eval, options)
     cfg.eval.autocast_bf16 = True
-    bf16 = rank_queries(model, test, sids, catalogue, cfg.eval, 32, "diffusion")
+    bf16 = rank_queries(model, test, sids, catalogue, cfg.eval, options)
     same_set = np.mean([set(a) == set(b) for a, b in zip(fp32["items"][:, :10], bf16["items"][:, :10])])
     same_order = np.mean((fp32["items"][:, :10] == bf16["items"][:, :10]).all(1))
     print(f"bf16 vs fp32 on {len(test)} users: same top-10 set {same_set:.3f}, same order {same_order:.3f}, "

@@ -479,9 +479,14 @@ def decode_phase(cfg: dict, tracker: Tracker, decoder: str, catalogue) -> dict:
     if "sync_free" in inspect.signature(decode.KeyTable.lookup).parameters:
         decode.KeyTable.lookup = functools.partialmethod(decode.KeyTable.lookup, sync_free=True)
 
-    def run():
-        return call(decode.recommend_batch, model, history, mask, catalogue, cfg["beam"], cfg["k"],
-                    decoder=decoder, rules=("code_prob",))
+    if hasattr(decode, "SearchOptions"):  # the search options as one object (after the redesign)
+        def run():
+            return call(decode.recommend_batch, model, history, mask, catalogue,
+                        decode.SearchOptions(cfg["beam"], decoder), cfg["k"], rules=("code_prob",))
+    else:
+        def run():
+            return call(decode.recommend_batch, model, history, mask, catalogue, cfg["beam"], cfg["k"],
+                        decoder=decoder, rules=("code_prob",))
 
     with torch.no_grad(), tracker.patched():
         run()  # warm-up: the catalogue's device tables
