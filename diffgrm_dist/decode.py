@@ -287,6 +287,11 @@ class Catalogue:
         exists = exists & ok
         return exists if digit is None else exists[..., 0, :]
 
+    def candidate_destinations(self, codes: torch.Tensor, filled: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``candidates_exist`` and no destinations: with codes this short, every beam ends
+        on its own code anyway, so ``cpd`` has nothing to merge early."""
+        return self.candidates_exist(codes, filled), None
+
     @property
     def nbytes(self) -> int:
         return self.table.nbytes + self.bitset.nbytes + self.child_rows.nbytes + self.items.nbytes
@@ -470,6 +475,9 @@ class LongCodeCatalogue:
                 + self.items.nbytes)
 
 
+# What beam search and ranking need of a catalogue, which both indexes provide: sizes,
+# candidates_exist, candidate_destinations (destinations None where the index cannot tell),
+# groups_of, and the item tables item_offsets / item_list / item_logp / item_group.
 CatalogueIndex = Catalogue | LongCodeCatalogue
 
 
@@ -537,7 +545,7 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, n, k)
         for _ in range(min(fill_digits, n - fills)):
             width = codes.shape[1]
-            if merge_destinations and hasattr(catalogue, "candidate_destinations"):
+            if merge_destinations:
                 allowed, dest = catalogue.candidate_destinations(codes, filled)  # (U, W, n, k) each
             else:
                 allowed, dest = catalogue.candidates_exist(codes, filled), None
