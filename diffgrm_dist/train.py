@@ -55,7 +55,7 @@ from diffgrm_dist.objectives import AutoregressiveObjective, DenseObjective, Dif
 from diffgrm_dist.ranking import Queries, rank_queries
 from diffgrm_dist.raycluster import ClusterResources, cpus_per_worker, free_port, quiet_library_logs
 from diffgrm_dist.rundir import RunDir, file_sha256
-from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream, ShuffledBatches, split_range
+from diffgrm_dist.loaders import BalancedBatches, ShardSet, ShardStream, ShuffledBatches, split_range
 from diffgrm_dist.sids import load_sids
 
 log = logging.getLogger(__name__)

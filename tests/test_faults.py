@@ -19,7 +19,7 @@ from diffgrm_dist.errors import DataError, DiffGRMError
 from diffgrm_dist.export import EXPORT_WEIGHTS, export_weights, load_exported
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.rundir import RunDir
-from diffgrm_dist.shard import ShardSet
+from diffgrm_dist.loaders import ShardSet
 
 pytestmark = pytest.mark.faults
 TINY = CONFIGS / "tiny.yaml"

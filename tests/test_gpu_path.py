@@ -16,7 +16,7 @@ from diffgrm_dist.config import load_config
 from diffgrm_dist.decode import SearchOptions, catalogue_for
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.ranking import Queries, rank_queries
-from diffgrm_dist.shard import ShardSet
+from diffgrm_dist.loaders import ShardSet
 from diffgrm_dist.sids import load_sids
 from diffgrm_dist.train import (build_model, build_objective, sum_over_ranks, train_step, training_batches,
                                 validate, validation_queries)

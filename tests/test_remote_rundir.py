@@ -18,7 +18,7 @@ from helpers.paths import CONFIGS
 from helpers.s3 import s3_uri
 from diffgrm_dist.errors import ConfigError, DataError
 from diffgrm_dist.rundir import MANIFEST, RemoteStore, RunDir, StageRecord, display_uri
-from diffgrm_dist.shard import BalancedBatches, IndexedWindows, ShardSet, ShardStream, ShuffledBatches
+from diffgrm_dist.loaders import BalancedBatches, IndexedWindows, ShardSet, ShardStream, ShuffledBatches
 from diffgrm_dist.submit import entrypoint_for
 from test_shuffle import write_train
 

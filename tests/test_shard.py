@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from diffgrm_dist.shard import (BalancedBatches, ShardSet, ShardStream, decode_window,
-                                encode_window, split_range, write_split)
+from diffgrm_dist.loaders import BalancedBatches, ShardSet, ShardStream, split_range
+from diffgrm_dist.shard import write_split
+from diffgrm_dist.shardformat import decode_window, encode_window
 
 
 def test_window_round_trip():

@@ -18,7 +18,7 @@ from helpers.paths import CONFIGS
 from diffgrm_dist.config import load_config
 from diffgrm_dist.errors import ConfigError
 from diffgrm_dist.model import SidSpec
-from diffgrm_dist.shard import BalancedBatches, ShardSet, ShardStream
+from diffgrm_dist.loaders import BalancedBatches, ShardSet, ShardStream
 from diffgrm_dist.train import build_engine, deepspeed_config, init_local_process_group, load_exported
 
 TINY = CONFIGS / "tiny.yaml"

@@ -100,8 +100,9 @@ TOKENIZE_SEEDS = ("diffgrm", "diffgrm_tok1", "diffgrm_tok2")  # tokenization see
 # Code and configs whose change can move a row's numbers: a row made before the last commit
 # touching any of them is marked in the table with the commit it came from.
 QUALITY_CODE = tuple(f"diffgrm_dist/{m}.py" for m in (
-    "prepare", "text", "readers", "embed", "quantize", "tokenize", "collaborative", "shard", "model",
-    "objectives", "train", "decode", "ranking", "evaluate", "metrics")) + ("configs/beauty.yaml",
+    "prepare", "rawdata", "readers", "synthetic", "text", "splits", "embed", "quantize", "tokenize",
+    "collaborative", "shardformat", "shard", "loaders", "model", "objectives", "train", "decode", "ranking",
+    "evaluate", "metrics")) + ("configs/beauty.yaml",
     "configs/sports.yaml", "configs/toys.yaml", "configs/cpu")
 Z95 = 1.96
 
