@@ -37,7 +37,8 @@ import torch
 
 from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import EvalConfig, ExperimentConfig
-from diffgrm_dist.decode import SearchOptions, catalogue_for
+from diffgrm_dist.catalogue import catalogue_for
+from diffgrm_dist.decode import SearchOptions
 from diffgrm_dist.errors import ConfigError, DataError
 from diffgrm_dist.export import load_exported
 from diffgrm_dist.ranking import CPU_BATCH_USERS, MAX_BATCH_USERS, Queries, rank_queries

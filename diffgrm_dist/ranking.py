@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import torch
 
 from diffgrm_dist.config import EvalConfig
-from diffgrm_dist.decode import ITEM_RULES, CatalogueIndex, SearchOptions, recommend_batch
+from diffgrm_dist.catalogue import CatalogueIndex
+from diffgrm_dist.decode import ITEM_RULES, SearchOptions, recommend_batch
 from diffgrm_dist.metrics import KS, item_and_sid_metrics
 from diffgrm_dist.model import DiffGRM, SidSpec, autocast_type
 from diffgrm_dist.ragged import left_pad_index

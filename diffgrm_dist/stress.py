@@ -216,7 +216,8 @@ def measure_decode(point: DecodePoint, users: int, history: int, seed: int, thre
     depend on the weights), after one warm-up batch."""
     import torch
 
-    from diffgrm_dist.decode import ar_beam_search, build_catalogue, cpd, distinct_sids
+    from diffgrm_dist.catalogue import build_catalogue
+    from diffgrm_dist.decode import ar_beam_search, cpd, distinct_sids
 
     if threads:
         torch.set_num_threads(threads)

@@ -47,7 +47,8 @@ import torch.distributed as dist
 
 from diffgrm_dist.baselines import popularity_baseline
 from diffgrm_dist.config import ExperimentConfig, ModelConfig, TrainConfig
-from diffgrm_dist.decode import CatalogueIndex, SearchOptions, catalogue_for
+from diffgrm_dist.catalogue import CatalogueIndex, catalogue_for
+from diffgrm_dist.decode import SearchOptions
 from diffgrm_dist.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights, load_exported
 from diffgrm_dist.metrics import selection_score, summarise
 from diffgrm_dist.model import DiffGRM, SidSpec

@@ -13,7 +13,8 @@ import torch
 
 from helpers.paths import CONFIGS
 from diffgrm_dist.config import load_config
-from diffgrm_dist.decode import SearchOptions, catalogue_for
+from diffgrm_dist.catalogue import catalogue_for
+from diffgrm_dist.decode import SearchOptions
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.ranking import Queries, rank_queries
 from diffgrm_dist.loaders import ShardSet

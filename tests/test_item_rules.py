@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diffgrm_dist.config import ModelConfig
-from diffgrm_dist.decode import Beams, Catalogue, rank_items
+from diffgrm_dist.catalogue import Catalogue
+from diffgrm_dist.decode import Beams, rank_items
 from diffgrm_dist.model import DiffGRM, SidSpec
 from diffgrm_dist.objectives import DiffusionObjective, masked_cross_entropy
 

@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import (ROOT, add_baseline_arg, baseline_tree, fmt_ratio, package_info, peak_rss_mib,
-                      print_provenance, provenance, ratio, run_isolated, write_json)
+from benchlib import (ROOT, add_baseline_arg, baseline_tree, catalogue_module, fmt_ratio, package_info,
+                      peak_rss_mib, print_provenance, provenance, ratio, run_isolated, write_json)
 
 SIZES = (256, 256, 256, 256)
 HISTORY = 20
@@ -78,7 +78,9 @@ def decode_run(cfg: dict) -> dict:
     """One decoder / beam / catalogue / precision, in this process (a ``--one`` child)."""
     import torch
 
-    from diffgrm_dist.decode import Catalogue, ar_beam_search, cpd, distinct_sids, top_items
+    from diffgrm_dist.decode import ar_beam_search, cpd, distinct_sids, top_items
+
+    Catalogue = catalogue_module().Catalogue  # noqa: N806 (a class)
 
     decoder, beam, users, items = cfg["decoder"], cfg["beam"], cfg["users"], cfg["items"]
     d_model, batch, bf16 = cfg["d_model"], cfg["batch"], cfg["bf16"]

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, device_string, git_info, package_info, run_isolated, write_json  # noqa: E402
+from benchlib import ROOT, catalogue_module, device_string, git_info, package_info, run_isolated, write_json  # noqa: E402
 from project_gpu import OpCounter  # noqa: E402
 
 THIS_FILE = str(Path(__file__).resolve())
@@ -476,8 +476,9 @@ def decode_phase(cfg: dict, tracker: Tracker, decoder: str, catalogue) -> dict:
 
     # The GPU form of the catalogue's hash look-up where the tree has one (on a CPU the
     # shrinking form, with its syncs, is the default): count what a GPU would run.
-    if "sync_free" in inspect.signature(decode.KeyTable.lookup).parameters:
-        decode.KeyTable.lookup = functools.partialmethod(decode.KeyTable.lookup, sync_free=True)
+    table = catalogue_module().KeyTable
+    if "sync_free" in inspect.signature(table.lookup).parameters:
+        table.lookup = functools.partialmethod(table.lookup, sync_free=True)
 
     if hasattr(decode, "SearchOptions"):  # the search options as one object (after the redesign)
         def run():
@@ -509,7 +510,6 @@ def child(cfg: dict) -> dict:
     torch = _torch()
     torch.set_num_threads(cfg["threads"])
     import diffgrm_dist
-    from diffgrm_dist import decode
 
     tracker = Tracker(str(Path(diffgrm_dist.__file__).parent))
     phases, catalogue_s, catalogue_info = {}, None, None
@@ -519,7 +519,8 @@ def child(cfg: dict) -> dict:
         phases["train"]["phase_s"] = time.perf_counter() - start
     if {"cpd", "ar"} & set(cfg["phases"]):
         codes = np.random.default_rng(0).integers(0, 256, (cfg["items"], len(SIZES)), dtype=np.int64)
-        build = getattr(decode, "build_catalogue", decode.Catalogue)
+        index = catalogue_module()
+        build = getattr(index, "build_catalogue", index.Catalogue)
         start = time.perf_counter()
         catalogue = build(codes, SIZES)
         catalogue_s = time.perf_counter() - start

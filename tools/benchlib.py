@@ -150,3 +150,14 @@ def print_provenance(meta: dict) -> None:
     print(f"current: {meta['current']['tree']} @ {meta['current']['commit']}"
           f"{' (dirty)' if meta['current']['dirty'] else ''}; baseline: "
           + (f"{meta['baseline']['tree']} @ {meta['baseline']['commit']}" if meta["baseline"] else "none"))
+
+
+def catalogue_module():
+    """The package's module holding the catalogue index: ``diffgrm_dist.catalogue``, or
+    ``diffgrm_dist.decode`` in trees from before the two were split (baselines of before/after
+    benchmarks)."""
+    import importlib
+    import importlib.util
+
+    name = "diffgrm_dist.catalogue" if importlib.util.find_spec("diffgrm_dist.catalogue") else "diffgrm_dist.decode"
+    return importlib.import_module(name)

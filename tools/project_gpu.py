@@ -88,7 +88,8 @@ def measure(dataset: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffgrm_dist.config import load_config
-    from diffgrm_dist.decode import Catalogue, cpd
+    from diffgrm_dist.catalogue import Catalogue
+    from diffgrm_dist.decode import cpd
     from diffgrm_dist.model import SidSpec
     from diffgrm_dist.ranking import MAX_BATCH_USERS
     from diffgrm_dist.train import build_model, build_objective
