@@ -101,9 +101,9 @@ TOKENIZE_SEEDS = ("diffgrm", "diffgrm_tok1", "diffgrm_tok2")  # tokenization see
 # touching any of them is marked in the table with the commit it came from.
 QUALITY_CODE = tuple(f"diffgrm_dist/{m}.py" for m in (
     "prepare", "rawdata", "readers", "synthetic", "text", "splits", "embed", "quantize", "tokenize",
-    "collaborative", "shardformat", "shard", "loaders", "model", "objectives", "train", "catalogue", "decode", "ranking",
-    "evaluate", "metrics")) + ("configs/beauty.yaml",
-    "configs/sports.yaml", "configs/toys.yaml", "configs/cpu")
+    "collaborative", "shardformat", "shard", "loaders", "model", "objectives", "train", "catalogue",
+    "decode", "ranking", "evaluate", "metrics")) + (
+    "configs/beauty.yaml", "configs/sports.yaml", "configs/toys.yaml", "configs/cpu")
 Z95 = 1.96
 
 # ../shared/docs/diffgrm-reference.md, "Reported results" and "Ablations" (SID level, paper scale).
