@@ -1,6 +1,7 @@
 """train stage: DiffGRM under DeepSpeed ZeRO, launched by Ray Train (or in-process).
 
-``train_worker`` is the per-rank loop and is the same for both launchers: it reads its
+``Trainer`` is the per-rank loop (``setup``, ``resume``, then per epoch ``train_epoch``,
+``validate``, ``save``), the same for both launchers (``train_worker`` runs it): it reads its
 share of the WebDataset shards (every window reshuffled each epoch, exactly once across
 ranks; a URI run's shards in place on its filesystem, never copied to the node), lets the
 DeepSpeed engine own the optimiser (AdamW), the warm-up + cosine schedule, gradient
@@ -431,125 +432,147 @@ def validation_queries(prepare_dir: Path, cfg: ExperimentConfig, rank: int, worl
 # --------------------------------------------------------------------------- the loop
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """One rank's training loop (Ray Train worker or the local process)."""
-    cfg: ExperimentConfig = config["cfg"]
-    run_dir = RunDir(config["run_dir"])  # on another node: pulls the small stages it reads
-    out_dir = Path(config["out_dir"])
-    launcher = config["launcher"]
-    device = training_device(cfg, launcher)
-    use_device(device)
-    import deepspeed  # noqa: F401  (it sets its logger's level on import: quiet it after that)
+class Trainer:
+    """One rank's training (a Ray Train worker or the local process), in steps a reader can
+    follow: ``setup`` (device, process group, data, DeepSpeed engine), ``resume`` (the latest
+    checkpoint, if any), then per epoch ``train_epoch``, ``validate`` and ``save``, until the
+    last epoch or early stopping (``fit`` runs them all)."""
 
-    quiet_library_logs()
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    if launcher == "local":
-        init_local_process_group(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    nodes: list[str | None] = [None] * world
-    dist.all_gather_object(nodes, _node_id(launcher))  # where the ranks run, for the stats
-    reporter: Reporter = RayReporter() if launcher == "ray" else LocalReporter(Path(config["work_dir"]))
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg: ExperimentConfig = config["cfg"]
+        self.run_dir = RunDir(config["run_dir"])  # on another node: pulls the small stages it reads
+        self.out_dir = Path(config["out_dir"])
+        self.launcher = config["launcher"]
+        self.work_dir = Path(config["work_dir"])
+        self.threads = max(1, int(config.get("threads", 1)))
+        self.state: dict[str, Any] = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0,
+                                      "history": []}
+        self.best_weights: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's weights
+        self.partial: dict[str, Any] | None = None  # this rank's progress into an unfinished epoch
 
-    # train.seed varies only training (init, window order, noise): SIDs and shards stay put.
-    torch.manual_seed(cfg.seed + cfg.train.seed)
-    np.random.seed(cfg.seed + cfg.train.seed)
-    train_set = ShardSet.open(run_dir, "train")  # a URI run's shards stay where they are
-    if rank == 0 and train_set.remote and cfg.train.shuffle == "windows":
-        log.info("train.shuffle=windows reads %s's shards by one ranged GET per sample; "
-                 "train.shuffle=shards streams them sequentially", run_dir.display)
-    sid_table = load_sids(run_dir.stage_path("tokenize"))
-    spec = SidSpec(train_set.digit_sizes, train_set.max_history, items=len(sid_table.codes))
-    catalogue, sids = catalogue_for(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))
-    train_batches = training_batches(train_set, cfg, rank, world, pin_memory=device.type == "cuda")
-    valid_queries = validation_queries(run_dir.stage_path("prepare"), cfg, rank, world)
-    steps_per_epoch = min(len(train_batches), cfg.train.steps_per_epoch or len(train_batches))
-    total_steps = steps_per_epoch * cfg.train.epochs
-    engine, model, scheduler = build_engine(cfg, spec, world, total_steps)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16)
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = device = training_device(cfg, self.launcher)
+        use_device(device)
+        import deepspeed  # noqa: F401  (it sets its logger's level on import: quiet it after that)
 
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    best_weights: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's weights
-    partial: dict[str, Any] | None = None  # this rank's progress into an unfinished epoch
-    resume = reporter.latest()
-    if resume is not None:
-        engine.load_checkpoint(str(resume), tag="ds", load_module_strict=True)
-        state = json.loads((resume / STATE_FILE).read_text())
-        partial = load_partial(resume, rank, device)
-        if rank == 0:
-            from safetensors.torch import load_file
+        quiet_library_logs()
+        torch.set_num_threads(self.threads)
+        if self.launcher == "local":
+            init_local_process_group(device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.nodes: list[str | None] = [None] * self.world
+        dist.all_gather_object(self.nodes, _node_id(self.launcher))  # where the ranks run, for the stats
+        self.reporter: Reporter = RayReporter() if self.launcher == "ray" else LocalReporter(self.work_dir)
 
-            if (resume / "best" / EXPORT_WEIGHTS).is_file():
-                best_weights = load_file(str(resume / "best" / EXPORT_WEIGHTS))
-            where = f"epoch {state['epoch']}" + (f" + {partial['steps']} steps" if partial else "")
-            log.warning("resumed from %s after %s", resume, where)
-    if rank == 0 and resume is None and (warning := schedule_warning(cfg.train, total_steps)):
-        log.warning("schedule: %s", warning)
-    wandb_run = _wandb(cfg, out_dir) if rank == 0 else None
-    every = cfg.train.checkpoint_every_steps
+        # train.seed varies only training (init, window order, noise): SIDs and shards stay put.
+        torch.manual_seed(cfg.seed + cfg.train.seed)
+        np.random.seed(cfg.seed + cfg.train.seed)
+        train_set = ShardSet.open(self.run_dir, "train")  # a URI run's shards stay where they are
+        if self.rank == 0 and train_set.remote and cfg.train.shuffle == "windows":
+            log.info("train.shuffle=windows reads %s's shards by one ranged GET per sample; "
+                     "train.shuffle=shards streams them sequentially", self.run_dir.display)
+        sid_table = load_sids(self.run_dir.stage_path("tokenize"))
+        self.spec = SidSpec(train_set.digit_sizes, train_set.max_history, items=len(sid_table.codes))
+        self.catalogue, self.sids = catalogue_for(sid_table), torch.from_numpy(sid_table.codes.astype(np.int64))
+        self.batches = training_batches(train_set, cfg, self.rank, self.world, pin_memory=device.type == "cuda")
+        self.valid_queries = validation_queries(self.run_dir.stage_path("prepare"), cfg, self.rank, self.world)
+        self.steps_per_epoch = min(len(self.batches), cfg.train.steps_per_epoch or len(self.batches))
+        total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.engine, self.model, self.scheduler = build_engine(cfg, self.spec, self.world, total_steps)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16)
+        self.total_steps = total_steps
 
-    def save_checkpoint(record: dict[str, Any], progress: dict[str, Any] | None) -> None:
+    def resume(self) -> None:
+        """Loads the latest checkpoint the reporter holds: engine, run state, this rank's
+        progress into an unfinished epoch and (rank 0) the best weights so far."""
+        resume = self.reporter.latest()
+        if resume is not None:
+            self.engine.load_checkpoint(str(resume), tag="ds", load_module_strict=True)
+            self.state = json.loads((resume / STATE_FILE).read_text())
+            self.partial = load_partial(resume, self.rank, self.device)
+            if self.rank == 0:
+                from safetensors.torch import load_file
+
+                if (resume / "best" / EXPORT_WEIGHTS).is_file():
+                    self.best_weights = load_file(str(resume / "best" / EXPORT_WEIGHTS))
+                where = f"epoch {self.state['epoch']}" + (f" + {self.partial['steps']} steps" if self.partial else "")
+                log.warning("resumed from %s after %s", resume, where)
+        if self.rank == 0 and resume is None and (warning := schedule_warning(self.cfg.train, self.total_steps)):
+            log.warning("schedule: %s", warning)
+
+    def save(self, record: dict[str, Any], progress: dict[str, Any] | None) -> None:
         """Every rank's DeepSpeed state, its RNG and progress into the epoch; rank 0's run state
         and best weights; checksums; one report (all ranks report together)."""
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp)
-            engine.save_checkpoint(str(ckpt), tag="ds")
-            save_partial(ckpt, rank, progress, device)
-            if rank == 0:
-                (ckpt / STATE_FILE).write_text(json.dumps(state))
-                if best_weights is not None:  # none yet inside the first epoch
-                    export_weights(best_weights, cfg.model, spec, ckpt / "best")
-            write_checksums(ckpt, rank)
-            reporter.report(record, ckpt)
+            self.engine.save_checkpoint(str(ckpt), tag="ds")
+            save_partial(ckpt, self.rank, progress, self.device)
+            if self.rank == 0:
+                (ckpt / STATE_FILE).write_text(json.dumps(self.state))
+                if self.best_weights is not None:  # none yet inside the first epoch
+                    export_weights(self.best_weights, self.cfg.model, self.spec, ckpt / "best")
+            write_checksums(ckpt, self.rank)
+            self.reporter.report(record, ckpt)
 
-    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch's steps (from where a resumed checkpoint left it), with a checkpoint every
+        ``train.checkpoint_every_steps``; returns the epoch's record, summed over ranks."""
+        engine, device, every = self.engine, self.device, self.cfg.train.checkpoint_every_steps
         engine.train()
         start = time.perf_counter()
         # The epoch's loss is summed on the device: reading it every step would make the host
         # wait for each step before queueing the next.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        partial = self.partial
         if partial is not None and partial["epoch"] == epoch:  # resume inside this epoch
             steps, samples, spent = partial["steps"], partial["samples"], partial["seconds"]
             loss_sum += partial["loss_sum"]
-            train_batches.set_epoch(epoch, skip=steps, digest=partial["digest"])
+            self.batches.set_epoch(epoch, skip=steps, digest=partial["digest"])
         else:
             steps, samples, spent = 0, 0, 0.0
-            train_batches.set_epoch(epoch)
-        partial = None
-        bar = _progress(steps_per_epoch, f"epoch {epoch}", rank)
-        for batch in train_batches:
-            if steps >= steps_per_epoch:
+            self.batches.set_epoch(epoch)
+        self.partial = None
+        bar = _progress(self.steps_per_epoch, f"epoch {epoch}", self.rank)
+        for batch in self.batches:
+            if steps >= self.steps_per_epoch:
                 break
-            loss = train_step(engine, batch, autocast)
+            loss = train_step(engine, batch, self.autocast)
             loss_sum += loss
             steps += 1
             samples += len(batch["targets"])
             if bar is not None:
                 if steps % 20 == 0:  # a terminal only: reading the loss waits for the step
-                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 bar.update(1)
-            if every and steps % every == 0 and steps < steps_per_epoch:
-                save_checkpoint({"epoch": epoch - 1, "step": steps}, {
+            if every and steps % every == 0 and steps < self.steps_per_epoch:
+                self.save({"epoch": epoch - 1, "step": steps}, {
                     "epoch": epoch, "steps": steps, "loss_sum": float(loss_sum), "samples": samples,
-                    "seconds": spent + time.perf_counter() - start, "digest": train_batches.digest})
+                    "seconds": spent + time.perf_counter() - start, "digest": self.batches.digest})
         if bar is not None:
             bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the epoch's time includes its last queued steps
         seconds = spent + time.perf_counter() - start
         totals = sum_over_ranks([float(loss_sum), steps, samples, seconds], device)
-        digests: list[str | None] = [None] * world
-        dist.all_gather_object(digests, train_batches.digest)
-        eval_model = _full_model(engine, model, cfg)
-        record = {"epoch": epoch, "steps": steps, "loss": totals[0] / max(totals[1], 1),
-                  "lr": scheduler.get_last_lr()[0], "epoch_s": seconds,
-                  "samples_per_s": totals[2] / max(totals[3] / world, 1e-9),
-                  # which windows this epoch trained on, in which order, on every rank
-                  "windows_digest": hashlib.sha256("".join(map(str, digests)).encode()).hexdigest()[:16]}
-        # Validation from train.valid_start_epoch (and always after the last epoch); the
-        # selection score reads train.select_on's level; patience counts validations.
+        digests: list[str | None] = [None] * self.world
+        dist.all_gather_object(digests, self.batches.digest)
+        return {"epoch": epoch, "steps": steps, "loss": totals[0] / max(totals[1], 1),
+                "lr": self.scheduler.get_last_lr()[0], "epoch_s": seconds,
+                "samples_per_s": totals[2] / max(totals[3] / self.world, 1e-9),
+                # which windows this epoch trained on, in which order, on every rank
+                "windows_digest": hashlib.sha256("".join(map(str, digests)).encode()).hexdigest()[:16]}
+
+    def validate(self, epoch: int, record: dict[str, Any]) -> bool:
+        """Validation from ``train.valid_start_epoch`` (and always after the last epoch) into
+        ``record``; the selection score reads ``train.select_on``'s level and patience counts
+        validations. Whether this epoch's weights are the best so far (rank 0 keeps them)."""
+        cfg, state = self.cfg, self.state
+        eval_model = _full_model(self.engine, self.model, cfg)
         if epoch >= cfg.train.valid_start_epoch or epoch == cfg.train.epochs:
             valid_start = time.perf_counter()
-            metrics = validate(eval_model, valid_queries, sids, catalogue, cfg, cfg.eval.valid_beam_size)
+            metrics = validate(eval_model, self.valid_queries, self.sids, self.catalogue, cfg,
+                               cfg.eval.valid_beam_size)
             level = f"{cfg.train.select_on}/"
             score = selection_score({k[len(level):]: v for k, v in metrics.items() if k.startswith(level)})
             record.update(score=score, valid_s=time.perf_counter() - valid_start, **metrics)
@@ -561,27 +584,44 @@ def train_worker(config: dict[str, Any]) -> None:
         else:
             improved = state["best_epoch"] < 0  # nothing validated yet: keep the latest weights
         if improved:  # every rank: gathering partitioned fp32 master weights is a collective
-            weights = master_weights(model)
-            best_weights = weights if rank == 0 else None
-        state["epoch"] = epoch
-        state["history"].append(record)
-        state["nodes"] = sorted(set(map(str, nodes)))
-        save_checkpoint(record, None)
-        if rank == 0:
-            valid = ("" if "score" not in record else
-                     ", valid item R@10 %.4f N@10 %.4f, sid R@10 %.4f N@10 %.4f (%.0f s)" % (
-                         record["item/recall@10"], record["item/ndcg@10"], record["sid/recall@10"],
-                         record["sid/ndcg@10"], record["valid_s"]))
-            log.info("epoch %d: loss %.4f, lr %.2e, %.0f samples/s%s", epoch, record["loss"],
-                     record["lr"], record["samples_per_s"], valid)
-            if wandb_run is not None:
-                wandb_run.log(record, step=epoch)
-        if state["bad_epochs"] >= cfg.train.patience:
-            if rank == 0:
-                log.info("early stop: %d epochs without improvement", state["bad_epochs"])
-            break
-    if wandb_run is not None:
-        wandb_run.finish()
+            weights = master_weights(self.model)
+            self.best_weights = weights if self.rank == 0 else None
+        return improved
+
+    def log_epoch(self, record: dict[str, Any], wandb_run: Any) -> None:
+        valid = ("" if "score" not in record else
+                 ", valid item R@10 %.4f N@10 %.4f, sid R@10 %.4f N@10 %.4f (%.0f s)" % (
+                     record["item/recall@10"], record["item/ndcg@10"], record["sid/recall@10"],
+                     record["sid/ndcg@10"], record["valid_s"]))
+        log.info("epoch %d: loss %.4f, lr %.2e, %.0f samples/s%s", record["epoch"], record["loss"],
+                 record["lr"], record["samples_per_s"], valid)
+        if wandb_run is not None:
+            wandb_run.log(record, step=record["epoch"])
+
+    def fit(self) -> None:
+        self.setup()
+        self.resume()
+        wandb_run = _wandb(self.cfg, self.out_dir) if self.rank == 0 else None
+        for epoch in range(self.state["epoch"] + 1, self.cfg.train.epochs + 1):
+            record = self.train_epoch(epoch)
+            self.validate(epoch, record)
+            self.state["epoch"] = epoch
+            self.state["history"].append(record)
+            self.state["nodes"] = sorted(set(map(str, self.nodes)))
+            self.save(record, None)
+            if self.rank == 0:
+                self.log_epoch(record, wandb_run)
+            if self.state["bad_epochs"] >= self.cfg.train.patience:
+                if self.rank == 0:
+                    log.info("early stop: %d epochs without improvement", self.state["bad_epochs"])
+                break
+        if wandb_run is not None:
+            wandb_run.finish()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One rank's training loop: the entry point of a Ray Train worker and of the local process."""
+    Trainer(config).fit()
 
 
 def _node_id(launcher: str) -> str:
