@@ -13,7 +13,7 @@ unexport PYTHONDONTWRITEBYTECODE
 export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: install demo test clean gpu-check
+.PHONY: install demo test test-fast clean gpu-check
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast lane while working: every module, no test marked slow, cluster, faults or
+# shared_data (make test, which CI runs, still runs them all).
+test-fast: install
+	$(PY) -m pytest -m "not slow and not cluster and not faults and not shared_data" $(PYTEST_ARGS)
 
 # Train + evaluate on the GPU, bounded to 8 minutes (tools/gpu_check.py, results/gpu/README.md).
 # Needs no .venv: GPU_PY is any Python with the GPU's torch and deepspeed. The stages come

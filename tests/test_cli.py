@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from helpers.paths import CONFIGS, ROOT
 
@@ -13,6 +14,7 @@ def diffgrm_exe() -> str:
     return str(Path(sys.executable).parent / "diffgrm")
 
 
+@pytest.mark.slow
 def test_console_script_runs_the_whole_pipeline(tmp_path):
     """`diffgrm pipeline` end to end on the tiny config (Ray, DeepSpeed, faiss, the model)."""
     result = subprocess.run([diffgrm_exe(), "pipeline", "-c", str(CONFIGS / "tiny.yaml"), "-o", str(tmp_path),

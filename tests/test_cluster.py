@@ -28,6 +28,7 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict:
 
 @pytest.mark.cluster
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own steps are bounded (start 180 s, job 1,200 s, stop 120 s)
 def test_submit_demo_pipeline_to_a_two_node_local_cluster(s3_endpoint):
     ray_tmp = tempfile.mkdtemp(prefix="dgr-", dir="/tmp")  # short: Ray's socket paths
     dashboard = free_port()

@@ -74,6 +74,7 @@ def test_join_weights_the_parts_by_squared_norm():
     np.testing.assert_allclose(joined[1], [0.0, 0.8, 0.0, 0.0, 0.0], atol=1e-6)  # no vector: text alone
 
 
+@pytest.mark.slow
 def test_tokenize_codes_the_joined_vectors(tiny_run, tmp_path, run_cli):
     run = tmp_path / "cf"
     overrides = ["tokenize.collaborative_dim=8", "tokenize.collaborative_window=3",

@@ -198,7 +198,7 @@ def test_cpd_one_digit_per_pass_is_the_default(codes):
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scores, b.scores)
 
 
-@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("m", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_multi_digit_fill_with_a_huge_beam_equals_exhaustive_scoring(codes, m):
     """Filling m digits per pass: a code's score is, over every way of splitting the digits
     into passes of m (the last may be shorter), the best sum of each pass's log-probabilities

