@@ -165,6 +165,11 @@ def test_differences_are_read_against_the_larger_of_the_two_spreads(tmp_path):
     assert check["sids"] == {"committed": (90, 5, 3), "head": (95, 5, 3)}
     text = "\n".join(reproduce.format_check("beauty/diffgrm", check))
     assert "diff -0.0040" in text and "0 inside" in text and "tokenization seeds 0.0060" in text
+    assert "machines differ" not in text
+    other = reproduce.compare(results["diffgrm"], {**_result("beauty", "diffgrm", 0.026), "machine": "cpu: other"},
+                              groups)
+    assert "machines differ: committed on cpu: test; HEAD on cpu: other" in "\n".join(
+        reproduce.format_check("beauty/diffgrm", other))
 
 
 def test_rows_made_before_a_quality_bearing_change_are_marked_with_their_commit(tmp_path):

@@ -326,6 +326,7 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
     groups = seed_groups(results, history or {})
     sd, spreads = run_to_run_sd(groups, lambda r: _item(r)[3])
     main = results.get("diffgrm")
+    other_machines: set[str] = set()
     sd_note = f"larger of {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}"
     if not groups and spread_from and main:
         sd, sd_note = spread_from[0] * _item(main)[3], f"{spread_from[1]}'s relative spread"
@@ -343,6 +344,9 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
         if variant.name == "ar":
             paper = PAPER_TIGER[dataset][3]  # TIGER's own paper: RQ-VAE codes, not these SIDs
         label = variant.what + (f" (vs {variant.paired_with})" if variant.paired_with else "") + stale_mark(r)
+        if main is not None and r.get("machine") != main.get("machine"):
+            label += " †"
+            other_machines.add(str(r.get("machine")))
         diff = "-"
         if main is not None and variant.name != "diffgrm" and sd == sd:
             diff = f"{item[3] - _item(main)[3]:+.4f} ± {Z95 * math.sqrt(2) * sd:.4f}"
@@ -361,6 +365,10 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
     for label, paper in (("*paper: DiffGRM (SID level, paper scale)*", PAPER[dataset]),
                          ("*paper: TIGER, from its own paper (SID level)*", PAPER_TIGER[dataset])):
         lines.append(f"| {label} | - | - | - | - | - | - | {paper[2]:.4f} | {paper[3]:.4f} | {paper[3]:.4f} | - | - |")
+    if other_machines:
+        lines += ["", f"† made on another machine than the DiffGRM row ({main.get('machine')}): "
+                      f"{'; '.join(sorted(other_machines))}. Embeddings, SIDs and bf16 training differ in their "
+                      "low bits from one CPU to another, so such a difference includes the machine's."]
     if main is not None and sd == sd:
         lines += ["", f"Differences from DiffGRM are read against a run-to-run sd of {sd:.4f} item N@10 ({sd_note}); "
                       f"the interval is ± {Z95} x sqrt(2) x sd, for two single runs."]
@@ -467,7 +475,8 @@ def compare(committed: dict | None, fresh: dict, groups: dict[str, list[dict]]) 
     metrics = {"item N@10": lambda r: _item(r)[3], "item R@10": lambda r: _item(r)[2],
                "SID N@10": lambda r: _sid(r)[1]}
     out: dict = {"committed_commit": committed.get("commit") if committed else None,
-                 "head_commit": fresh["commit"], "sids": {}, "metrics": {}}
+                 "head_commit": fresh["commit"], "committed_machine": committed.get("machine") if committed else None,
+                 "head_machine": fresh.get("machine"), "sids": {}, "metrics": {}}
     out["sids"] = {"committed": sid_fingerprint(committed) if committed else None, "head": sid_fingerprint(fresh)}
     for name, value in metrics.items():
         sd, spreads = run_to_run_sd(groups, value)
@@ -483,6 +492,9 @@ def compare(committed: dict | None, fresh: dict, groups: dict[str, list[dict]]) 
 def format_check(row: str, check: dict) -> list[str]:
     head = check["head_commit"][:7]
     lines = [f"{row}: committed at {(check['committed_commit'] or 'none')[:7]}, re-run at HEAD {head}"]
+    if check.get("committed_machine") != check.get("head_machine"):
+        lines.append(f"  machines differ: committed on {check.get('committed_machine')}; "
+                     f"HEAD on {check.get('head_machine')}")
     for name, m in check["metrics"].items():
         if "committed" not in m:
             lines.append(f"  {name:10s} HEAD {m['head']:.4f} (no committed row)")
