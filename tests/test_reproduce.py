@@ -172,6 +172,25 @@ def test_differences_are_read_against_the_larger_of_the_two_spreads(tmp_path):
         reproduce.format_check("beauty/diffgrm", other))
 
 
+def test_a_check_counts_the_committed_row_among_the_training_seeds_it_shares_sids_with():
+    """--check on the main row: HEAD's run (other SIDs) replaces it, but the committed run
+    still measures the training-seed spread with seeds 1 and 2 (it was missing from the
+    check's groups, so the spread came from two runs, not three)."""
+    committed = _result("beauty", "diffgrm", 0.020, distinct=100)
+    results = {name: _result("beauty", name, n10, distinct=100)
+               for name, n10 in (("diffgrm_seed1", 0.021), ("diffgrm_seed2", 0.025))}
+    fresh = _result("beauty", "diffgrm", 0.030, distinct=90)
+    groups = reproduce.check_groups({**results, "diffgrm": committed}, {}, "diffgrm", committed, fresh)
+    assert [r["metrics"]["item"]["ndcg@10"] for r in groups["training seeds"]] == [0.020, 0.021, 0.025]
+    assert "tokenization seeds" not in groups  # HEAD's run alone is no spread
+
+
+def test_back_filled_machine_notes_name_the_same_machine():
+    note = "cpu: X, 2 cores (this machine type; recorded when the result was filed under results/cpu)"
+    assert reproduce.machine_of({"machine": note}) == reproduce.machine_of({"machine": "cpu: X, 2 cores"})
+    assert reproduce.machine_of({}) == "unknown"
+
+
 def test_rows_made_before_a_quality_bearing_change_are_marked_with_their_commit(tmp_path):
     """A throwaway git repository: a row is current until a later commit touches
     QUALITY_CODE; a change elsewhere leaves it current."""
