@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffgrm_dist.config import load_config
-from diffgrm_dist.errors import DiffGRMError
-from diffgrm_dist.raycluster import quiet_library_logs
-from diffgrm_dist.rundir import RunDir, display_uri, is_uri
+from diffgrm_dist.cluster.raycluster import quiet_library_logs
+from diffgrm_dist.core.config import load_config
+from diffgrm_dist.core.errors import DiffGRMError
+from diffgrm_dist.core.rundir import RunDir, display_uri, is_uri
 from diffgrm_dist.stages import PIPELINE, run_stage
 
 log = logging.getLogger("diffgrm")
@@ -67,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _jobs(args: argparse.Namespace) -> int:
     """submit / status / stop through the Ray Jobs SDK; exit 0 only for a job that succeeded."""
-    from diffgrm_dist import submit as jobs
-    from diffgrm_dist.config import find_project_root
-    from diffgrm_dist.errors import ConfigError
+    from diffgrm_dist.cluster import submit as jobs
+    from diffgrm_dist.core.config import find_project_root
+    from diffgrm_dist.core.errors import ConfigError
 
     if args.stage == "status":
         print(jobs.status(args.address, args.job_id))
@@ -110,8 +110,8 @@ def _print_stats(stage: str, stats: dict[str, Any]) -> None:
 
 
 def _recommend(cfg, run_dir: RunDir, args: argparse.Namespace) -> None:
-    from diffgrm_dist.errors import ConfigError
-    from diffgrm_dist.evaluate import read_history_file, recommend
+    from diffgrm_dist.core.errors import ConfigError
+    from diffgrm_dist.evaluate.stage import read_history_file, recommend
 
     histories = ([args.history] if args.history else []) + (read_history_file(Path(args.file)) if args.file else [])
     if not histories:
@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("submit", "status", "stop"):
             return _jobs(args)
         if args.stage == "stress":
-            from diffgrm_dist.errors import ConfigError
-            from diffgrm_dist.stress import load_stress_config, merge_outputs, run_stress
+            from diffgrm_dist.core.errors import ConfigError
+            from diffgrm_dist.stress.config import load_stress_config
+            from diffgrm_dist.stress.grid import merge_outputs, run_stress
 
             if bool(args.config) == bool(args.merge):
                 raise ConfigError("stress: give -c CONFIG (run a grid) or --merge OUTPUT ... (report over outputs)")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             for stage in PIPELINE:
                 _print_stats(stage, run_stage(stage, cfg, run_dir, force=args.force))
         elif args.stage == "tokenize" and args.encode:
-            from diffgrm_dist.tokenize import encode_new_items
+            from diffgrm_dist.tokenize.stage import encode_new_items
 
             path = encode_new_items(cfg, run_dir, Path(args.encode))
             print(f"[tokenize] encoded {args.encode} -> {path}")

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffgrm_dist.config import ExperimentConfig, section_hash, to_dict, validation_view
-from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
+from diffgrm_dist.core.config import ExperimentConfig, section_hash, to_dict, validation_view
+from diffgrm_dist.core.rundir import RunDir, StageRecord, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Stage:
 
 def raw_data_files(cfg: ExperimentConfig) -> dict[str, str]:
     """Content hashes of the raw files prepare will read."""
-    from diffgrm_dist.readers import source_files
+    from diffgrm_dist.data.readers import source_files
 
     return {f"file:{p.name}": file_sha256(p)[:16] for p in source_files(cfg.data) if p.is_file()}
 
@@ -52,7 +52,7 @@ def embeddings_file(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
-    from diffgrm_dist.prepare import prepare, write_prepared
+    from diffgrm_dist.data.prepare import prepare, write_prepared
 
     prepared = prepare(cfg)
     write_prepared(prepared, out)
@@ -60,25 +60,25 @@ def _run_prepare(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: Stag
 
 
 def _run_tokenize(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
-    from diffgrm_dist.tokenize import run_tokenize
+    from diffgrm_dist.tokenize.stage import run_tokenize
 
     return run_tokenize(cfg, run_dir, out)
 
 
 def _run_shard(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
-    from diffgrm_dist.shard import run_shard
+    from diffgrm_dist.data.shard import run_shard
 
     return run_shard(cfg, run_dir, out)
 
 
 def _run_train(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
-    from diffgrm_dist.train import run_train
+    from diffgrm_dist.train.launch import run_train
 
     return run_train(cfg, run_dir, out, work_key=record.key)
 
 
 def _run_evaluate(cfg: ExperimentConfig, run_dir: RunDir, out: Path, record: StageRecord) -> dict[str, Any]:
-    from diffgrm_dist.evaluate import run_evaluate
+    from diffgrm_dist.evaluate.stage import run_evaluate
 
     return run_evaluate(cfg, run_dir, out)
 
@@ -99,7 +99,7 @@ def embeddings_hash(path: str) -> str:
     so the stage runs and names the file in its error."""
     from pyarrow import fs as pafs
 
-    from diffgrm_dist.rundir import is_uri
+    from diffgrm_dist.core.rundir import is_uri
 
     filesystem, inner = pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
     if filesystem.get_file_info(inner).type != pafs.FileType.File:

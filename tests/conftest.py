@@ -8,10 +8,10 @@ import os
 import sys
 
 import pytest
-
-from diffgrm_dist.cli import main
 from helpers.paths import CONFIGS, ROOT
 from helpers.s3 import S3_ENV
+
+from diffgrm_dist.cli import main
 
 sys.path.insert(0, str(ROOT / "tools"))  # tests import the tools they check (reproduce, chaos's faultlib)
 

@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-
 from helpers.datafiles import SEQUENCES, write_amazon_raw_dataset, write_movielens_dataset, write_sequence_dataset
 
 

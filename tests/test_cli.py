@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers.paths import CONFIGS, ROOT
 
 

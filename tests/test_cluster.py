@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from pyarrow import fs as pafs
-
-from diffgrm_dist.raycluster import free_port
 from helpers.paths import ROOT
 from helpers.s3 import S3_ENV, s3_uri
+from pyarrow import fs as pafs
+
+from diffgrm_dist.cluster.raycluster import free_port
 
 VENV_BIN = Path(sys.executable).parent
 STAGES = ("prepare", "tokenize", "shard", "train", "evaluate")

@@ -12,12 +12,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from helpers.paths import ROOT
-from diffgrm_dist.config import load_config
+
+from diffgrm_dist.cluster.submit import REDACTED, WORKING_DIR_EXCLUDES, entrypoint_for, redact, runtime_env, submit
+from diffgrm_dist.core.config import load_config
 from diffgrm_dist.stages import PIPELINE
-from diffgrm_dist.submit import (REDACTED, WORKING_DIR_EXCLUDES, entrypoint_for, redact,
-                                 runtime_env, submit)
 
 CLUSTER = ROOT / "cluster"
 LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml"]
@@ -200,7 +199,7 @@ def test_rayjob_runtime_env_is_accepted_by_ray():
     assert not any(re.search(r"TOKEN|KEY|SECRET|PASSWORD", k) for k in env.get("env_vars", {}))
 
 
-# --- diffgrm_dist.submit ----------------------------------------------------------------
+# --- diffgrm_dist.cluster.submit ----------------------------------------------------------------
 
 
 def test_entrypoint_for_builds_a_diffgrm_command():

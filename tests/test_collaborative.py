@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers.paths import CONFIGS
 from helpers.runfiles import cached_text_embeddings, sid_codes
-from diffgrm_dist.collaborative import cooccurrence, join, ppmi_svd
-from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.quantize import Quantizer
+
+from diffgrm_dist.core.errors import ConfigError
+from diffgrm_dist.tokenize.collaborative import cooccurrence, join, ppmi_svd
+from diffgrm_dist.tokenize.quantize import Quantizer
 
 TINY = CONFIGS / "tiny.yaml"
 

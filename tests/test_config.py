@@ -1,10 +1,10 @@
 from pathlib import Path
 
 import pytest
-
 from helpers.paths import CONFIGS, ROOT
-from diffgrm_dist.config import ExperimentConfig, load_config, section_hash
-from diffgrm_dist.errors import ConfigError
+
+from diffgrm_dist.core.config import ExperimentConfig, load_config, section_hash
+from diffgrm_dist.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", ["demo", "beauty", "sports", "toys", "tiny"])
@@ -150,7 +150,7 @@ def test_options_added_later_count_in_the_hash_only_when_set():
     import hashlib
     import json
 
-    from diffgrm_dist.config import _hashed
+    from diffgrm_dist.core.config import _hashed
 
     cfg = load_config(CONFIGS / "tiny.yaml")
     fields = _hashed(cfg.tokenize)

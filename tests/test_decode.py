@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffgrm_dist.config import ModelConfig
-from diffgrm_dist.catalogue import Catalogue, LongCodeCatalogue, build_catalogue
-from diffgrm_dist.decode import ar_beam_search, cpd, distinct_sids, top_items
-from diffgrm_dist.metrics import most_frequent, per_user, selection_score
-from diffgrm_dist.model import DiffGRM, SidSpec
+from diffgrm_dist.core.config import ModelConfig
+from diffgrm_dist.decode.catalogue import Catalogue, LongCodeCatalogue, build_catalogue
+from diffgrm_dist.decode.search import ar_beam_search, cpd, distinct_sids, top_items
+from diffgrm_dist.evaluate.metrics import most_frequent, per_user, selection_score
+from diffgrm_dist.model.network import DiffGRM, SidSpec
 
 SIZES = (8, 8, 8)
 
@@ -324,7 +324,7 @@ def test_metrics_by_hand():
 def test_key_table_lookups_without_host_syncs_equal_the_shrinking_ones():
     """The GPU form of the look-up (every probe pass over every key, no boolean indexing)
     answers as the CPU form, for present keys, absent ones, and keys that collide."""
-    from diffgrm_dist.catalogue import KeyTable
+    from diffgrm_dist.decode.catalogue import KeyTable
 
     rng = np.random.default_rng(0)
     keys = rng.choice(1 << 40, size=5000, replace=False).astype(np.int64)

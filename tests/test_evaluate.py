@@ -41,9 +41,9 @@ def regrouped(trained, tmp_path_factory):
 
 
 def test_read_rows_and_chunks_follow_row_groups(regrouped):
-    from diffgrm_dist.evaluate import chunk_bounds
-    from diffgrm_dist.ranking import Queries
-    from diffgrm_dist.splits import read_rows
+    from diffgrm_dist.data.splits import read_rows
+    from diffgrm_dist.evaluate.ranking import Queries
+    from diffgrm_dist.evaluate.stage import chunk_bounds
 
     path = regrouped / "prepare" / "test.parquet"
     whole = pq.read_table(path)
@@ -60,11 +60,11 @@ def test_read_rows_and_chunks_follow_row_groups(regrouped):
 
 
 def test_chunked_parts_equal_ranking_the_whole_split_at_once(regrouped, tmp_path, run_cli):
-    from diffgrm_dist.config import load_config
-    from diffgrm_dist.evaluate import Ranker, ranker_args
-    from diffgrm_dist.metrics import most_frequent, per_user
-    from diffgrm_dist.ranking import Queries
-    from diffgrm_dist.rundir import RunDir
+    from diffgrm_dist.core.config import load_config
+    from diffgrm_dist.core.rundir import RunDir
+    from diffgrm_dist.evaluate.metrics import most_frequent, per_user
+    from diffgrm_dist.evaluate.ranking import Queries
+    from diffgrm_dist.evaluate.stage import Ranker, ranker_args
 
     run = tmp_path / "run"
     shutil.copytree(regrouped, run)
@@ -107,9 +107,9 @@ def test_chunked_parts_equal_ranking_the_whole_split_at_once(regrouped, tmp_path
 def test_a_part_comes_back_as_bytes_where_the_folder_is_not_visible(regrouped, tmp_path):
     import pyarrow as pa
 
-    from diffgrm_dist.config import load_config
-    from diffgrm_dist.evaluate import Ranker, part_name, ranker_args
-    from diffgrm_dist.rundir import RunDir
+    from diffgrm_dist.core.config import load_config
+    from diffgrm_dist.core.rundir import RunDir
+    from diffgrm_dist.evaluate.stage import Ranker, part_name, ranker_args
 
     cfg = load_config(TINY, CHUNKED)
     ranker = Ranker(**ranker_args(cfg, RunDir(regrouped)))

@@ -12,14 +12,14 @@ import textwrap
 
 import pytest
 import torch
-
 from helpers.paths import CONFIGS
-from diffgrm_dist.config import ModelConfig
-from diffgrm_dist.errors import DataError, DiffGRMError
-from diffgrm_dist.export import EXPORT_WEIGHTS, export_weights, load_exported
-from diffgrm_dist.model import DiffGRM, SidSpec
-from diffgrm_dist.rundir import RunDir
-from diffgrm_dist.loaders import ShardSet
+
+from diffgrm_dist.core.config import ModelConfig
+from diffgrm_dist.core.errors import DataError, DiffGRMError
+from diffgrm_dist.core.rundir import RunDir
+from diffgrm_dist.data.loaders import ShardSet
+from diffgrm_dist.model.export import EXPORT_WEIGHTS, export_weights, load_exported
+from diffgrm_dist.model.network import DiffGRM, SidSpec
 
 pytestmark = pytest.mark.faults
 TINY = CONFIGS / "tiny.yaml"
@@ -111,8 +111,9 @@ def test_a_full_disk_publishes_nothing_and_keeps_the_previous_output(run_copy):
 def test_a_corrupt_checkpoint_is_skipped_for_the_previous_complete_one(run_copy, tmp_path, caplog):
     """Two epochs leave two checkpoints; the newest is truncated; the next run resumes from
     the first (with a warning), trains epochs 2 and 3, and its history has each epoch once."""
-    from diffgrm_dist.config import load_config
-    from diffgrm_dist.train import LocalReporter, train_worker
+    from diffgrm_dist.core.config import load_config
+    from diffgrm_dist.train.checkpoints import LocalReporter
+    from diffgrm_dist.train.trainer import train_worker
 
     work = tmp_path / "work"
     out = tmp_path / "out"
@@ -131,7 +132,7 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_previous_complete_one(run_copy,
     newest = work / "epoch-00002"
     biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 3])
-    with caplog.at_level("WARNING", logger="diffgrm_dist.train"):
+    with caplog.at_level("WARNING", logger="diffgrm_dist.train.checkpoints"):
         assert reporter.latest().name == "epoch-00001"
     assert "epoch-00002 skipped" in caplog.text and "truncated or corrupt" in caplog.text
 
@@ -143,7 +144,7 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_previous_complete_one(run_copy,
 def test_the_newest_intact_ray_checkpoint_is_chosen(tmp_path):
     """The Ray launcher's resume point, on the same rule: a checkpoint folder whose files
     do not match its checksums (or that has none) is passed over."""
-    from diffgrm_dist.train import STATE_FILE, _latest_ray_checkpoint, write_checksums
+    from diffgrm_dist.train.checkpoints import STATE_FILE, latest_ray_checkpoint, write_checksums
 
     root = tmp_path / "ray" / "train"
     for stamp in ("2026-01-01_00-00-01", "2026-01-01_00-00-02", "2026-01-01_00-00-03"):
@@ -152,12 +153,12 @@ def test_the_newest_intact_ray_checkpoint_is_chosen(tmp_path):
         (folder / STATE_FILE).write_text("{}")
         (folder / "ds" / "weights.pt").write_bytes(bytes(range(256)) * 8)
         write_checksums(folder, rank=0)
-    assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train").endswith("00-00-03")
+    assert latest_ray_checkpoint(str(tmp_path / "ray"), None, "train").endswith("00-00-03")
     _flip_byte(root / "checkpoint_2026-01-01_00-00-03" / "ds" / "weights.pt")
     (root / "checkpoint_2026-01-01_00-00-02" / "checksums.rank0.json").unlink()
-    assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train").endswith("00-00-01")
+    assert latest_ray_checkpoint(str(tmp_path / "ray"), None, "train").endswith("00-00-01")
     _flip_byte(root / "checkpoint_2026-01-01_00-00-01" / STATE_FILE, offset=0)
-    assert _latest_ray_checkpoint(str(tmp_path / "ray"), None, "train") is None
+    assert latest_ray_checkpoint(str(tmp_path / "ray"), None, "train") is None
 
 
 # --------------------------------------------------------------------------- killed workers
@@ -166,7 +167,6 @@ def test_the_newest_intact_ray_checkpoint_is_chosen(tmp_path):
 @pytest.mark.slow
 def test_a_killed_ranking_actor_is_retried_and_every_user_is_ranked_once(tiny_run, tmp_path):
     import pyarrow.parquet as pq
-
     from faultlib import run_with_one_kill
 
     run = tmp_path / "run"

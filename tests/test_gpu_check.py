@@ -13,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from helpers.paths import ROOT
-
 import gpu_check
+import pytest
+from helpers.paths import ROOT
 
 TOOL = ROOT / "tools" / "gpu_check.py"
 BLOCKED = ("ray", "faiss", "sentence_transformers", "transformers", "matplotlib", "wandb", "recbole")

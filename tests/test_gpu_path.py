@@ -10,18 +10,18 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from helpers.paths import CONFIGS
-from diffgrm_dist.config import load_config
-from diffgrm_dist.catalogue import catalogue_for
-from diffgrm_dist.decode import SearchOptions
-from diffgrm_dist.model import DiffGRM, SidSpec
-from diffgrm_dist.ranking import Queries, rank_queries
-from diffgrm_dist.loaders import ShardSet
-from diffgrm_dist.sids import load_sids
-from diffgrm_dist.train import (build_model, build_objective, sum_over_ranks, train_step, training_batches,
-                                validate, validation_queries)
 from helpers.standin_device import standin_device
+
+from diffgrm_dist.core.config import load_config
+from diffgrm_dist.data.loaders import ShardSet
+from diffgrm_dist.data.sids import load_sids
+from diffgrm_dist.decode.catalogue import catalogue_for
+from diffgrm_dist.decode.search import SearchOptions
+from diffgrm_dist.evaluate.ranking import Queries, rank_queries
+from diffgrm_dist.model.network import DiffGRM, SidSpec
+from diffgrm_dist.train.engine import build_model, build_objective, sum_over_ranks, train_step
+from diffgrm_dist.train.trainer import training_batches, validate, validation_queries
 
 TINY = CONFIGS / "tiny.yaml"
 DECODERS = ("diffusion", "autoregressive", "dense")
@@ -115,7 +115,7 @@ def test_validation_and_ranking_run_on_the_models_device_and_match_the_cpu(tiny_
 def test_attention_in_slices_ranks_exactly_as_one_call(tiny_run, monkeypatch):
     """Beam x batch rows above the fused-kernel limit (cuDNN failed at 65,536 rows) are sliced
     on a GPU; here a CPU limit below the tiny run's rows makes slicing happen on the CPU."""
-    from diffgrm_dist import model as model_module
+    from diffgrm_dist.model import network as model_module
 
     test = Queries.from_split(tiny_run / "prepare", "test")
     for decoder in ("diffusion", "autoregressive"):
@@ -185,7 +185,7 @@ def test_the_exported_weights_are_the_fp32_master_copies(bf16_run):
 def test_bf16_autocast_ranks_the_top10_as_fp32(bf16_run):
     """Decoding under bf16 autocast (encoder and decoder blocks in bf16, logits in fp32) against
     fp32 on the same trained weights: the same top-10 for nearly every user."""
-    from diffgrm_dist.export import load_exported
+    from diffgrm_dist.model.export import load_exported
 
     cfg = load_config(TINY, ["eval.beam_size=32"])
     sid_table = load_sids(bf16_run / "tokenize")
@@ -208,7 +208,7 @@ def test_bf16_autocast_ranks_the_top10_as_fp32(bf16_run):
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
-    from diffgrm_dist.train import load_partial, save_partial
+    from diffgrm_dist.train.checkpoints import load_partial, save_partial
 
     torch.manual_seed(7)
     save_partial(tmp_path, 0, {"epoch": 1}, torch.device("cpu"))
@@ -220,7 +220,7 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path):
-    from diffgrm_dist.train import load_partial, save_partial
+    from diffgrm_dist.train.checkpoints import load_partial, save_partial
 
     device = torch.device("cuda", 0)
     torch.cuda.manual_seed(7)
@@ -237,7 +237,7 @@ def test_use_gpu_false_trains_on_the_cpu_on_a_gpu_host(tiny_run, monkeypatch):
     from deepspeed.accelerator import get_accelerator
     from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 
-    from diffgrm_dist.train import build_engine, init_local_process_group, training_device, use_device
+    from diffgrm_dist.train.engine import build_engine, init_local_process_group, training_device, use_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
@@ -253,8 +253,8 @@ def test_use_gpu_false_trains_on_the_cpu_on_a_gpu_host(tiny_run, monkeypatch):
 
 
 def test_gpu_ranks_default_to_every_gpu_and_get_cores_for_their_loaders():
-    from diffgrm_dist.raycluster import ClusterResources
-    from diffgrm_dist.train import worker_layout
+    from diffgrm_dist.cluster.raycluster import ClusterResources
+    from diffgrm_dist.train.launch import worker_layout
 
     cfg = load_config(TINY, ["train.num_workers=0", "train.use_gpu=true", "train.loader_workers=2"])
     gpus = ClusterResources(cpus=64, gpus=8, nodes=2, max_node_cpus=32)
@@ -265,7 +265,7 @@ def test_gpu_ranks_default_to_every_gpu_and_get_cores_for_their_loaders():
 
 
 def test_a_shortened_schedule_is_one_warning():
-    from diffgrm_dist.train import schedule_warning
+    from diffgrm_dist.train.engine import schedule_warning
 
     paper = load_config(CONFIGS / "beauty.yaml").train
     assert schedule_warning(paper, total_steps=paper.epochs * 107) is None

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffgrm_dist.config import ModelConfig
-from diffgrm_dist.catalogue import Catalogue
-from diffgrm_dist.decode import Beams, rank_items
-from diffgrm_dist.model import DiffGRM, SidSpec
-from diffgrm_dist.objectives import DiffusionObjective, masked_cross_entropy
+from diffgrm_dist.core.config import ModelConfig
+from diffgrm_dist.decode.catalogue import Catalogue
+from diffgrm_dist.decode.search import Beams, rank_items
+from diffgrm_dist.model.network import DiffGRM, SidSpec
+from diffgrm_dist.model.objectives import DiffusionObjective, masked_cross_entropy
 
 SIZES = (4, 4, 4)
 # Code A = (0,0,1) names items 0, 2, 4 (training counts 10, 3, 0); code B = (1,1,1) names

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from diffgrm_dist.config import ModelConfig
-from diffgrm_dist.model import DiffGRM, SidSpec
-from diffgrm_dist.objectives import (DiffusionObjective, confidence, masked_cross_entropy,
-                                     nested_views, rank_of)
+from diffgrm_dist.core.config import ModelConfig
+from diffgrm_dist.model.network import DiffGRM, SidSpec
+from diffgrm_dist.model.objectives import DiffusionObjective, confidence, masked_cross_entropy, nested_views, rank_of
 
 SPEC = SidSpec((16, 16, 16, 16), max_history=10)
 
@@ -177,7 +176,7 @@ def test_padding_width_does_not_change_the_encoding():
 
 
 def test_dense_head_scores_every_item_and_learns():
-    from diffgrm_dist.objectives import DenseObjective
+    from diffgrm_dist.model.objectives import DenseObjective
 
     torch.manual_seed(0)
     m = DiffGRM(ModelConfig(d_model=32, heads=4, ffn=64, decoder="dense", dropout=0.0),

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers.paths import CONFIGS
-from diffgrm_dist.embed import ParquetEmbeddings
-from diffgrm_dist.errors import DataError
-from diffgrm_dist.quantize import Quantizer
+
+from diffgrm_dist.core.errors import DataError
+from diffgrm_dist.tokenize.embed import ParquetEmbeddings
+from diffgrm_dist.tokenize.quantize import Quantizer
 
 TINY = CONFIGS / "tiny.yaml"
 DIM = 48

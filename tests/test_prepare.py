@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from helpers.paths import CONFIGS
 from helpers.datafiles import write_sequence_dataset
-from diffgrm_dist.config import ExperimentConfig, PrepareConfig, load_config
-from diffgrm_dist.prepare import leave_one_out, prepare
+from helpers.paths import CONFIGS
+
+from diffgrm_dist.core.config import ExperimentConfig, PrepareConfig, load_config
+from diffgrm_dist.data.prepare import leave_one_out, prepare
 
 
 def packed(seqs):
@@ -121,7 +121,7 @@ def test_min_and_max_history_respected(max_history):
 
 def test_splits_written_in_blocks_of_users_equal_the_whole(tmp_path):
     """write_prepared builds the splits a block of users at a time: same rows, same order."""
-    from diffgrm_dist.prepare import ROW_GROUP_SIZE, write_prepared
+    from diffgrm_dist.data.prepare import ROW_GROUP_SIZE, write_prepared
 
     p = prepare(synthetic_cfg(items=300, interactions=6000))
     whole = leave_one_out(p.offsets, p.seq, p.split_cfg)

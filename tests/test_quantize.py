@@ -2,11 +2,11 @@ import faiss
 import numpy as np
 import pytest
 
-from diffgrm_dist import quantize
-from diffgrm_dist.config import TokenizeConfig
-from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats, flat_l2_index
-from diffgrm_dist.tokenize import QuantizeWorker
+from diffgrm_dist.core.config import TokenizeConfig
+from diffgrm_dist.core.errors import ConfigError
+from diffgrm_dist.tokenize import quantize
+from diffgrm_dist.tokenize.quantize import Quantizer, assign_sids, code_stats, flat_l2_index
+from diffgrm_dist.tokenize.stage import QuantizeWorker
 
 
 def test_assign_sids_by_hand():

@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from diffgrm_dist import quantize
-from diffgrm_dist.config import TokenizeConfig
-from diffgrm_dist.quantize import Quantizer, gpu_count
+from diffgrm_dist.core.config import TokenizeConfig
+from diffgrm_dist.tokenize import quantize
+from diffgrm_dist.tokenize.quantize import Quantizer, gpu_count
 
 pytestmark = pytest.mark.skipif(not gpu_count(), reason="needs faiss-gpu and a GPU")
 

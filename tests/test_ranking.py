@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from diffgrm_dist.ranking import Queries
+from diffgrm_dist.evaluate.ranking import Queries
 
 
 def queries():

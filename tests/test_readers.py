@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
-
 from helpers.datafiles import SEQUENCES, write_amazon_raw_dataset, write_movielens_dataset, write_sequence_dataset
-from diffgrm_dist.config import DataConfig, SyntheticConfig
-from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.rawdata import RawData
-from diffgrm_dist.readers import read_raw
-from diffgrm_dist.synthetic import generate
+
+from diffgrm_dist.core.config import DataConfig, SyntheticConfig
+from diffgrm_dist.core.errors import ConfigError
+from diffgrm_dist.data.rawdata import RawData
+from diffgrm_dist.data.readers import read_raw
+from diffgrm_dist.data.synthetic import generate
 
 
 def sequences_of(raw: RawData) -> dict[str, list[str]]:
@@ -103,8 +103,8 @@ def test_synthetic_generator_is_seeded_and_shaped():
 
 def test_synthetic_generator_refuses_more_categories_than_its_vocabulary():
     """Each category draws its own words; past the vocabulary it would search forever."""
-    from diffgrm_dist.config import SyntheticConfig
-    from diffgrm_dist.synthetic import generate
+    from diffgrm_dist.core.config import SyntheticConfig
+    from diffgrm_dist.data.synthetic import generate
 
     with pytest.raises(ConfigError, match=r"data.synthetic.categories: 1,302,256 distinct words needed"):
         generate(SyntheticConfig(items=100_000, interactions=1_000, categories=20_000))

@@ -12,15 +12,15 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from pyarrow import fs as pafs
-
 from helpers.paths import CONFIGS
 from helpers.s3 import s3_uri
-from diffgrm_dist.errors import ConfigError, DataError
-from diffgrm_dist.rundir import MANIFEST, RemoteStore, RunDir, StageRecord, display_uri
-from diffgrm_dist.loaders import BalancedBatches, IndexedWindows, ShardSet, ShardStream, ShuffledBatches
-from diffgrm_dist.submit import entrypoint_for
+from pyarrow import fs as pafs
 from test_shuffle import write_train
+
+from diffgrm_dist.cluster.submit import entrypoint_for
+from diffgrm_dist.core.errors import ConfigError, DataError
+from diffgrm_dist.core.rundir import MANIFEST, RemoteStore, RunDir, StageRecord, display_uri
+from diffgrm_dist.data.loaders import BalancedBatches, IndexedWindows, ShardSet, ShardStream, ShuffledBatches
 
 
 def write_demo_stage(run_dir: RunDir, text: str, fail: bool = False) -> None:
@@ -90,11 +90,11 @@ def test_uri_display_hides_credentials_and_submit_accepts_uris():
 
 
 def test_resume_finds_the_newest_complete_ray_checkpoint_on_a_uri(tmp_path):
-    from diffgrm_dist.train import STATE_FILE, _latest_ray_checkpoint, write_checksums
+    from diffgrm_dist.train.checkpoints import STATE_FILE, latest_ray_checkpoint, write_checksums
 
     run_dir = RunDir((tmp_path / "remote").as_uri(), cache_dir=tmp_path / "cache")
     storage, filesystem = run_dir.storage("train.work/key/ray")
-    assert _latest_ray_checkpoint(storage, filesystem, "train") is None  # nothing yet
+    assert latest_ray_checkpoint(storage, filesystem, "train") is None  # nothing yet
     root = tmp_path / "remote" / "train.work" / "key" / "ray" / "train"
     for name, complete in (("checkpoint_2026-11-23_10-00-00.000", True),
                            ("checkpoint_2026-11-23_11-00-00.000", True),
@@ -103,7 +103,7 @@ def test_resume_finds_the_newest_complete_ray_checkpoint_on_a_uri(tmp_path):
         if complete:  # a complete checkpoint: its state and the checksums of its files
             (root / name / STATE_FILE).write_text("{}")
             write_checksums(root / name, rank=0)
-    latest = _latest_ray_checkpoint(storage, filesystem, "train")
+    latest = latest_ray_checkpoint(storage, filesystem, "train")
     assert latest.endswith("checkpoint_2026-11-23_11-00-00.000")
     assert filesystem.get_file_info(f"{latest}/{STATE_FILE}").size == 2
 

@@ -9,13 +9,12 @@ import shutil
 import statistics
 
 import pytest
-
-from helpers.paths import CONFIGS, require_amazon
-from diffgrm_dist.config import load_config, section_hash
-from diffgrm_dist.rundir import RunDir
-from diffgrm_dist.stages import STAGES, adopt_current_stages, stage_record
-
 import reproduce
+from helpers.paths import CONFIGS, require_amazon
+
+from diffgrm_dist.core.config import load_config, section_hash
+from diffgrm_dist.core.rundir import RunDir
+from diffgrm_dist.stages import STAGES, adopt_current_stages, stage_record
 
 SCALE_KEYS = {"model": ("d_model", "heads", "ffn", "decoder_layers"),
               "train": ("lr", "warmup_steps", "batch_size", "epochs", "patience", "valid_start_epoch", "bucket_batches",
@@ -49,7 +48,7 @@ def test_every_variant_is_a_valid_config_on_its_datasets():
 def test_evaluation_only_variants_change_only_what_training_never_reads():
     """A paired variant reuses its partner's trained model, so it may change only test-time
     eval fields: the train stage's view of the config must be the partner's."""
-    from diffgrm_dist.config import EvalConfig, validation_view
+    from diffgrm_dist.core.config import EvalConfig, validation_view
 
     test_only = {f.name for f in dataclasses.fields(EvalConfig) if f.metadata.get("test_only")}
     for variant in (v for v in reproduce.VARIANTS if v.paired_with):

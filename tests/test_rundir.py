@@ -2,9 +2,9 @@ import json
 import logging
 
 import pytest
-
 from helpers.paths import CONFIGS
-from diffgrm_dist.rundir import RunDir, StageRecord, file_sha256
+
+from diffgrm_dist.core.rundir import RunDir, StageRecord, file_sha256
 
 
 def test_second_run_is_skipped_and_changed_config_reruns(tmp_path, run_cli, caplog):

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from diffgrm_dist.loaders import BalancedBatches, ShardSet, ShardStream, split_range
-from diffgrm_dist.shard import write_split
-from diffgrm_dist.shardformat import decode_window, encode_window
+from diffgrm_dist.data.loaders import BalancedBatches, ShardSet, ShardStream, split_range
+from diffgrm_dist.data.shard import write_split
+from diffgrm_dist.data.shardformat import decode_window, encode_window
 
 
 def test_window_round_trip():
@@ -96,8 +96,9 @@ def test_collate_left_pads_and_masks(shards):
 
 
 def test_shard_manifest_checksums(shards):
-    from diffgrm_dist.rundir import file_sha256
     from pathlib import Path
+
+    from diffgrm_dist.core.rundir import file_sha256
 
     manifest = json.loads((Path(shards.paths[0]).parents[1] / "shards.json").read_text())
     entries = manifest["splits"]["train"]["shards"]
@@ -111,7 +112,7 @@ def test_a_split_streamed_from_parquet_gives_the_same_shards_as_the_table(tmp_pa
     the shards are byte-identical to writing the table whole, and no spill file is left."""
     import pyarrow.parquet as pq
 
-    from diffgrm_dist import shard
+    from diffgrm_dist.data import shard
 
     rng = np.random.default_rng(3)
     n, items = 2500, 40

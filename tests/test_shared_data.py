@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
 from helpers.paths import CONFIGS, require_amazon
-from diffgrm_dist.config import load_config
+
+from diffgrm_dist.core.config import load_config
 
 EXPECTED = {  # users, items, interactions: the paper's table
     "beauty": (22_363, 12_101, 198_502),

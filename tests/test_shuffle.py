@@ -8,9 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from diffgrm_dist.rundir import file_sha256
-from diffgrm_dist.loaders import BalancedBatches, IndexedWindows, ShardSet, ShardStream, ShuffledBatches, collate, epoch_batches
-from diffgrm_dist.shard import write_split
+from diffgrm_dist.core.rundir import file_sha256
+from diffgrm_dist.data.loaders import (
+    BalancedBatches,
+    IndexedWindows,
+    ShardSet,
+    ShardStream,
+    ShuffledBatches,
+    collate,
+    epoch_batches,
+)
+from diffgrm_dist.data.shard import write_split
 
 N, PER_SHARD, MAX_HISTORY, DIGITS = 1003, 64, 48, 3  # 1,003: nothing divides evenly
 

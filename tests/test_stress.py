@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-from diffgrm_dist.raycluster import free_port
 from helpers.paths import CONFIGS, ROOT
-from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.stress import expand, growth_fits, load_stress_config
+
+from diffgrm_dist.cluster.raycluster import free_port
+from diffgrm_dist.core.errors import ConfigError
+from diffgrm_dist.stress.config import expand, load_stress_config
+from diffgrm_dist.stress.report import growth_fits
 
 VENV_BIN = Path(sys.executable).parent
 TINY = {

@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.text import render_text, template_fields
+from diffgrm_dist.core.errors import ConfigError
+from diffgrm_dist.data.text import render_text, template_fields
 
 
 def test_segments_with_empty_fields_are_dropped():

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from helpers.paths import CONFIGS
 from helpers.runfiles import cached_text_embeddings, sid_codes
-from diffgrm_dist.config import load_config
-from diffgrm_dist.embed import load_model, encode
-from diffgrm_dist.quantize import Quantizer
+
+from diffgrm_dist.core.config import load_config
+from diffgrm_dist.tokenize.embed import encode, load_model
+from diffgrm_dist.tokenize.quantize import Quantizer
 
 TINY = CONFIGS / "tiny.yaml"
 DIFFGRM = str(Path(sys.executable).parent / "diffgrm")
@@ -65,7 +65,7 @@ def test_the_embedding_cache_is_keyed_by_what_changes_the_vectors(monkeypatch):
     kernels: a cache made under other ones must not be reused (neither was in the key once)."""
     import importlib.metadata
 
-    from diffgrm_dist.embed import cache_key
+    from diffgrm_dist.tokenize.embed import cache_key
 
     key = cache_key("m", "digest", 4096, 256)
     assert key == cache_key("m", "digest", 4096, 256)
@@ -145,7 +145,7 @@ def test_sids_bytes_do_not_depend_on_actors_or_threads(tiny_run, tmp_path, run_c
     different codes here)."""
     import faiss
 
-    from diffgrm_dist.raycluster import ray_session
+    from diffgrm_dist.cluster.raycluster import ray_session
 
     run = tmp_path / "run"
     assert run_cli("prepare", "-c", TINY, "-o", run)[0] == 0

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.paths import CONFIGS
 from safetensors.torch import load_file
 
-from helpers.paths import CONFIGS
-from diffgrm_dist.config import load_config
-from diffgrm_dist.errors import ConfigError
-from diffgrm_dist.model import SidSpec
-from diffgrm_dist.loaders import BalancedBatches, ShardSet, ShardStream
-from diffgrm_dist.train import build_engine, deepspeed_config, init_local_process_group, load_exported
+from diffgrm_dist.core.config import load_config
+from diffgrm_dist.core.errors import ConfigError
+from diffgrm_dist.data.loaders import BalancedBatches, ShardSet, ShardStream
+from diffgrm_dist.model.export import load_exported
+from diffgrm_dist.model.network import SidSpec
+from diffgrm_dist.train.engine import build_engine, deepspeed_config, init_local_process_group
 
 TINY = CONFIGS / "tiny.yaml"
 DIFFGRM = str(Path(sys.executable).parent / "diffgrm")

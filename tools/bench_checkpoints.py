@@ -41,7 +41,7 @@ def main() -> None:
                               capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise SystemExit(f"{stage} failed:\n{done.stderr[-2000:]}")
-    from diffgrm_dist.config import load_config
+    from diffgrm_dist.core.config import load_config
 
     batch = load_config(args.config).train.batch_size
     samples = json.loads((base / "shard" / "shards.json").read_text())["splits"]["train"]["samples"]

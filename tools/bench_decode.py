@@ -41,8 +41,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import (ROOT, add_baseline_arg, baseline_tree, catalogue_module, fmt_ratio, package_info,
-                      peak_rss_mib, print_provenance, provenance, ratio, run_isolated, write_json)
+from benchlib import (
+    ROOT,
+    add_baseline_arg,
+    baseline_tree,
+    catalogue_module,
+    fmt_ratio,
+    package_info,
+    package_module,
+    peak_rss_mib,
+    print_provenance,
+    provenance,
+    ratio,
+    run_isolated,
+    write_json,
+)
 
 SIZES = (256, 256, 256, 256)
 HISTORY = 20
@@ -65,8 +78,9 @@ def random_codes(items: int, seed: int = 0) -> np.ndarray:
 def reference_model(d_model: int):
     import torch
 
-    from diffgrm_dist.config import ModelConfig
-    from diffgrm_dist.model import DiffGRM, SidSpec
+    ModelConfig = package_module("core.config").ModelConfig  # noqa: N806 (classes)
+    network = package_module("model.network")
+    DiffGRM, SidSpec = network.DiffGRM, network.SidSpec  # noqa: N806
 
     torch.manual_seed(0)
     layers = 4 if d_model >= 256 else 2
@@ -78,8 +92,8 @@ def decode_run(cfg: dict) -> dict:
     """One decoder / beam / catalogue / precision, in this process (a ``--one`` child)."""
     import torch
 
-    from diffgrm_dist.decode import ar_beam_search, cpd, distinct_sids, top_items
-
+    search = package_module("decode.search")
+    ar_beam_search, cpd, distinct_sids, top_items = search.ar_beam_search, search.cpd, search.distinct_sids, search.top_items
     Catalogue = catalogue_module().Catalogue  # noqa: N806 (a class)
 
     decoder, beam, users, items = cfg["decoder"], cfg["beam"], cfg["users"], cfg["items"]

@@ -69,7 +69,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, catalogue_module, device_string, git_info, package_info, run_isolated, write_json  # noqa: E402
+from benchlib import (  # noqa: E402
+    ROOT,
+    catalogue_module,
+    device_string,
+    git_info,
+    package_info,
+    package_module,
+    run_isolated,
+    write_json,
+)
 from project_gpu import OpCounter  # noqa: E402
 
 THIS_FILE = str(Path(__file__).resolve())
@@ -407,10 +416,11 @@ def histories(gen, rows: int, width: int):
 
 def train_phase(cfg: dict, tracker: Tracker) -> dict:
     torch = _torch()
-    from diffgrm_dist.config import ExperimentConfig, ModelConfig
-    from diffgrm_dist.model import DiffGRM, SidSpec
-    from diffgrm_dist import train as train_module
-    from diffgrm_dist.train import build_objective
+    config, network = package_module("core.config"), package_module("model.network")
+    ExperimentConfig, ModelConfig = config.ExperimentConfig, config.ModelConfig  # noqa: N806 (classes)
+    DiffGRM, SidSpec = network.DiffGRM, network.SidSpec  # noqa: N806
+    train_module = package_module("train.engine")
+    build_objective = train_module.build_objective
 
     on_device = hasattr(train_module, "train_step")
 
@@ -466,9 +476,10 @@ def train_phase(cfg: dict, tracker: Tracker) -> dict:
 
 def decode_phase(cfg: dict, tracker: Tracker, decoder: str, catalogue) -> dict:
     torch = _torch()
-    from diffgrm_dist import decode
-    from diffgrm_dist.config import ModelConfig
-    from diffgrm_dist.model import DiffGRM, SidSpec
+    ModelConfig = package_module("core.config").ModelConfig  # noqa: N806 (classes)
+    decode = package_module("decode.search")
+    network = package_module("model.network")
+    DiffGRM, SidSpec = network.DiffGRM, network.SidSpec  # noqa: N806
 
     torch.manual_seed(0)
     model = DiffGRM(ModelConfig(decoder=decoder), SidSpec(SIZES, cfg["history"])).eval()

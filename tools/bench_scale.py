@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import yaml
-
 from benchlib import ROOT, device_string, git_info, write_json
 
 STAGES = ("prepare", "tokenize", "shard", "train", "evaluate")

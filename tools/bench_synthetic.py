@@ -25,8 +25,8 @@ BASELINE_MAX_INTERACTIONS = 1_000_000
 
 
 def run_vectorised(items: int, interactions: int) -> dict:
-    from diffgrm_dist.config import SyntheticConfig
-    from diffgrm_dist.synthetic import generate
+    from diffgrm_dist.core.config import SyntheticConfig
+    from diffgrm_dist.data.synthetic import generate
 
     before = peak_rss_mib()
     start = time.perf_counter()

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffgrm_dist.config import TokenizeConfig
-from diffgrm_dist.embed import EmbedWorker, encode, load_model
+from diffgrm_dist.core.config import TokenizeConfig
+from diffgrm_dist.tokenize.embed import EmbedWorker, encode, load_model
 
 SHARED_BEAUTY = Path(__file__).resolve().parents[1].parent / "shared/data/amazon2014/beauty/items.jsonl"
 
@@ -32,8 +32,8 @@ def sample_texts(n: int) -> tuple[list[str], str]:
     if SHARED_BEAUTY.is_file():
         texts = [json.loads(line)["title"] for line in SHARED_BEAUTY.read_text().splitlines()[:n]]
         return texts, "amazon2014/beauty titles"
-    from diffgrm_dist.config import SyntheticConfig
-    from diffgrm_dist.synthetic import generate
+    from diffgrm_dist.core.config import SyntheticConfig
+    from diffgrm_dist.data.synthetic import generate
 
     raw = generate(SyntheticConfig(items=n, interactions=3 * n, categories=20))
     return raw.items["title"].to_pylist(), "synthetic titles"
@@ -75,7 +75,7 @@ def bench_pool(texts: list[str], actors: int, threads: int, batch_size: int, sha
 
 
 def bench_quantizer(sizes: list[int], dim: int) -> list[dict]:
-    from diffgrm_dist.quantize import Quantizer
+    from diffgrm_dist.tokenize.quantize import Quantizer
 
     rows = []
     rng = np.random.default_rng(0)
@@ -109,7 +109,7 @@ def main() -> None:
 
     import ray
 
-    from diffgrm_dist.raycluster import ray_session
+    from diffgrm_dist.cluster.raycluster import ray_session
 
     plain_all = bench_plain(texts, cpus, args.batch_size)
     plain_one = bench_plain(texts, 1, args.batch_size)

@@ -55,8 +55,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import (ROOT, add_baseline_arg, baseline_tree, fmt_ratio, package_info, peak_rss_mib,
-                      print_provenance, provenance, ratio, run_isolated, write_json)
+from benchlib import (
+    ROOT,
+    add_baseline_arg,
+    baseline_tree,
+    fmt_ratio,
+    package_info,
+    package_module,
+    peak_rss_mib,
+    print_provenance,
+    provenance,
+    ratio,
+    run_isolated,
+    write_json,
+)
 
 MAX_HISTORY = 50
 DIGITS, CODES = 4, 256
@@ -155,9 +167,10 @@ def run_one(cfg: dict) -> dict:
     """One loop kind / padding / precision, in this process (a ``--one`` child)."""
     import torch
 
-    from diffgrm_dist.config import ExperimentConfig, ModelConfig
-    from diffgrm_dist.model import DiffGRM, SidSpec
-    from diffgrm_dist.objectives import DiffusionObjective
+    config, network = package_module("core.config"), package_module("model.network")
+    ExperimentConfig, ModelConfig = config.ExperimentConfig, config.ModelConfig  # noqa: N806 (classes)
+    DiffGRM, SidSpec = network.DiffGRM, network.SidSpec  # noqa: N806
+    DiffusionObjective = package_module("model.objectives").DiffusionObjective  # noqa: N806
 
     kind, objective, batch, steps = cfg["kind"], cfg["objective"], cfg["batch"], cfg["steps"]
     padding, bf16 = cfg["padding"], cfg["bf16"]
@@ -187,7 +200,8 @@ def run_one(cfg: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             return loss
     else:
-        from diffgrm_dist.train import build_engine, init_local_process_group
+        engine = package_module("train.engine")
+        build_engine, init_local_process_group = engine.build_engine, engine.init_local_process_group
 
         init_local_process_group()
         ecfg = ExperimentConfig()

@@ -152,12 +152,31 @@ def print_provenance(meta: dict) -> None:
           + (f"{meta['baseline']['tree']} @ {meta['baseline']['commit']}" if meta["baseline"] else "none"))
 
 
-def catalogue_module():
-    """The package's module holding the catalogue index: ``diffgrm_dist.catalogue``, or
-    ``diffgrm_dist.decode`` in trees from before the two were split (baselines of before/after
-    benchmarks)."""
+# Where each module lived before the subpackage layout (baseline trees of before/after
+# benchmarks run the same bench code against older commits).
+FLAT_LAYOUT = {
+    "core.config": "config", "model.network": "model", "model.objectives": "objectives",
+    "decode.search": "decode", "decode.catalogue": "catalogue", "train.engine": "train",
+    "data.synthetic": "synthetic",
+}
+
+
+def package_module(name: str):
+    """``diffgrm_dist.<name>``, or the flat module that held it in a tree from before the
+    subpackage layout (and ``decode`` for the catalogue, before catalogue and search split)."""
     import importlib
     import importlib.util
 
-    name = "diffgrm_dist.catalogue" if importlib.util.find_spec("diffgrm_dist.catalogue") else "diffgrm_dist.decode"
-    return importlib.import_module(name)
+    for candidate in (name, FLAT_LAYOUT.get(name), "decode" if name == "decode.catalogue" else None):
+        try:  # a dotted name whose parent is a module (or absent) in this tree is no match
+            found = candidate is not None and importlib.util.find_spec(f"diffgrm_dist.{candidate}") is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            return importlib.import_module(f"diffgrm_dist.{candidate}")
+    raise ModuleNotFoundError(f"diffgrm_dist.{name} (nor its flat-layout home) in this tree")
+
+
+def catalogue_module():
+    """The package's module holding the catalogue index (see ``package_module``)."""
+    return package_module("decode.catalogue")

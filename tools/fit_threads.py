@@ -40,10 +40,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from diffgrm_dist.config import load_config
-    from diffgrm_dist.quantize import Quantizer, assign_sids, code_stats
-    from diffgrm_dist.rundir import RunDir
-    from diffgrm_dist.tokenize import fit_sample, open_embeddings, train_items
+    from diffgrm_dist.core.config import load_config
+    from diffgrm_dist.core.rundir import RunDir
+    from diffgrm_dist.tokenize.quantize import Quantizer, assign_sids, code_stats
+    from diffgrm_dist.tokenize.stage import fit_sample, open_embeddings, train_items
 
     cfg = load_config(args.config, args.overrides)
     run_dir = RunDir(args.run_dir)

@@ -54,7 +54,7 @@ from benchlib import ROOT, device_string, git_info, write_json  # noqa: E402
 
 if importlib.util.find_spec("diffgrm_dist") is None:  # a GPU box may run the checkout uninstalled
     sys.path.append(str(ROOT))
-from diffgrm_dist.errors import DiffGRMError  # noqa: E402  (light: no third-party imports)
+from diffgrm_dist.core.errors import DiffGRMError  # noqa: E402  (light: no third-party imports)
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "beauty": ROOT / "configs" / "beauty.yaml"}
 COPIED_STAGES = ("prepare", "tokenize")  # made by `stage`, copied by `run`
@@ -275,8 +275,8 @@ def copied_stage_warnings(dataset: str, run_dir: Path) -> list[str]:
     prepare: the config values its manifest recorded, but for ``data.path`` (resolved to an
     absolute path, so it differs on another machine) and the raw files (absent here);
     tokenize: its config hash and inputs (the prepare manifest), as the pipeline would."""
-    from diffgrm_dist.config import load_config, to_dict
-    from diffgrm_dist.rundir import RunDir
+    from diffgrm_dist.core.config import load_config, to_dict
+    from diffgrm_dist.core.rundir import RunDir
     from diffgrm_dist.stages import STAGES, stage_record
 
     cfg, run = load_config(str(CONFIGS[dataset]), []), RunDir(run_dir)

@@ -87,12 +87,12 @@ def measure(dataset: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffgrm_dist.config import load_config
-    from diffgrm_dist.catalogue import Catalogue
-    from diffgrm_dist.decode import cpd
-    from diffgrm_dist.model import SidSpec
-    from diffgrm_dist.ranking import MAX_BATCH_USERS
-    from diffgrm_dist.train import build_model, build_objective
+    from diffgrm_dist.core.config import load_config
+    from diffgrm_dist.decode.catalogue import Catalogue
+    from diffgrm_dist.decode.search import cpd
+    from diffgrm_dist.evaluate.ranking import MAX_BATCH_USERS
+    from diffgrm_dist.model.network import SidSpec
+    from diffgrm_dist.train.engine import build_model, build_objective
 
     cfg = load_config(ROOT / "configs" / f"{dataset}.yaml")
     torch.manual_seed(0)

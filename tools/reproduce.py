@@ -99,10 +99,15 @@ SEEDS = ("diffgrm", "diffgrm_seed1", "diffgrm_seed2")  # training seeds, one set
 TOKENIZE_SEEDS = ("diffgrm", "diffgrm_tok1", "diffgrm_tok2")  # tokenization seeds, training seed 0
 # Code and configs whose change can move a row's numbers: a row made before the last commit
 # touching any of them is marked in the table with the commit it came from.
-QUALITY_CODE = tuple(f"diffgrm_dist/{m}.py" for m in (
-    "prepare", "rawdata", "readers", "synthetic", "text", "splits", "embed", "quantize", "tokenize",
-    "collaborative", "shardformat", "shard", "loaders", "model", "objectives", "train", "catalogue",
-    "decode", "ranking", "evaluate", "metrics")) + (
+QUALITY_CODE = tuple(f"diffgrm_dist/{m}" for m in (
+    "data/prepare.py", "data/rawdata.py", "data/readers.py", "data/synthetic.py", "data/text.py", "data/splits.py",
+    "data/shardformat.py", "data/shard.py", "data/loaders.py", "tokenize", "model", "train", "decode",
+    "evaluate/ranking.py", "evaluate/stage.py", "evaluate/metrics.py")) + tuple(
+    # the same modules before the subpackage layout (rows made then are dated by these paths)
+    f"diffgrm_dist/{m}.py" for m in (
+        "prepare", "rawdata", "readers", "synthetic", "text", "splits", "embed", "quantize", "tokenize",
+        "collaborative", "shardformat", "shard", "loaders", "model", "objectives", "train", "catalogue",
+        "decode", "ranking", "evaluate", "metrics")) + (
     "configs/beauty.yaml", "configs/sports.yaml", "configs/toys.yaml", "configs/cpu")
 Z95 = 1.96
 
@@ -154,8 +159,8 @@ def copy_stages(source: Path, run: Path, stages: tuple[str, ...]) -> list[str]:
 
 def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
     """Runs one variant's pipeline (adopting what the dataset's other runs already hold)."""
-    from diffgrm_dist.config import load_config, section_hash, to_dict
-    from diffgrm_dist.rundir import RunDir
+    from diffgrm_dist.core.config import load_config, section_hash, to_dict
+    from diffgrm_dist.core.rundir import RunDir
     from diffgrm_dist.stages import adopt_current_stages
 
     home = work / dataset
@@ -397,7 +402,7 @@ def relative_spread(found: dict[str, dict[str, dict]], history: dict[str, dict[s
 
 
 def write_table(found: dict[str, dict[str, dict]], root: Path = RESULTS) -> Path:
-    from diffgrm_dist.config import load_config
+    from diffgrm_dist.core.config import load_config
 
     history = load_history(root)
     spread = relative_spread(found, history)
