@@ -19,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "diffgrm_dist"
+# The layers, bottom first: a module may import its own layer and those before it.
+LAYERS = ("core", "cluster", "data", "tokenize", "model", "decode", "evaluate", "train", "stages", "stress", "cli")
 
 
 @dataclass
@@ -112,7 +114,26 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def report(package_dir: Path) -> dict:
+def layer_of(module: str) -> str:
+    """A module's layer: its subpackage, or the top-level module itself."""
+    return module.split(".")[0]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: tuple[str, ...] = LAYERS) -> list[str]:
+    """Imports of a module from a layer above its own (or from a layer not in ``layers``)."""
+    rank = {name: i for i, name in enumerate(layers)}
+    bad = []
+    for module, targets in sorted(graph.items()):
+        if module == "__init__" or module.endswith("__init__"):
+            continue
+        for target in sorted(targets):
+            here, there = rank.get(layer_of(module)), rank.get(layer_of(target))
+            if here is None or there is None or there > here:
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def report(package_dir: Path, layers: tuple[str, ...] = LAYERS) -> dict:
     paths = sorted(package_dir.rglob("*.py"))
     known = {module_name(p, package_dir) for p in paths}
     modules = [read_module(p, package_dir, known) for p in paths]
@@ -124,6 +145,10 @@ def report(package_dir: Path) -> dict:
         "imports": {m.name: {t: ("lazy" if lazy else "top") for t, lazy in sorted(m.imports.items()) if t in known}
                     for m in modules},
         "cycles": cycles(graph),
+        "layer_cycles": cycles({layer: {layer_of(t) for m, ts in graph.items() if layer_of(m) == layer
+                                        for t in ts if layer_of(t) != layer}
+                                for layer in {layer_of(m) for m in graph}}),
+        "upward_imports": upward_imports(graph, layers),
         "private_imports": {m.name: m.private_imports for m in modules if m.private_imports},
         "longest_functions": functions[:15],
         "functions_over_60_lines": sum(1 for _, n in functions if n > 60),
@@ -141,7 +166,8 @@ def main() -> None:
         deps = ", ".join(t + ("*" if kind == "lazy" else "") for t, kind in r["imports"][m["name"]].items())
         print(f"  {m['name']:28s} {m['lines']:5d}  -> {deps}")
     print("  (* lazy import, inside a function)")
-    print(f"import circles: {r['cycles'] or 'none'}")
+    print(f"import circles: {r['cycles'] or 'none'}; between layers: {r['layer_cycles'] or 'none'}")
+    print(f"layers, bottom first: {' < '.join(LAYERS)}; upward imports: {r['upward_imports'] or 'none'}")
     print(f"private names imported across modules: {r['private_imports'] or 'none'}")
     print(f"functions over 60 lines: {r['functions_over_60_lines']}; longest:")
     for name, n in r["longest_functions"]:
