@@ -5,8 +5,8 @@ Every (dataset, variant) pair runs the whole pipeline on ``configs/cpu/<dataset>
 plus the variant's overrides, in its own run directory ``--work/<dataset>/<variant>``.
 Variants of one dataset share the embedding cache, and every stage another run of that
 dataset already holds for the same config and inputs (tokenize, shards, a trained model:
-the stage manifests decide); an evaluation-only variant (``paired_with``) runs ``diffgrm
-evaluate`` on a copy of its paired run. A pair whose ``results/cpu/<dataset>/<variant>.json`` exists
+the stage manifests decide; ``diffgrm_dist.variants.run_variant``); an evaluation-only
+variant (``paired_with``) must adopt every stage up to train from its paired run. A pair whose ``results/cpu/<dataset>/<variant>.json`` exists
 is skipped, so the command resumes where it stopped. ``results/README.md`` (the table,
 next to the paper's numbers) and ``results/cpu/ndcg10.png`` are regenerated from all
 result files at the end of every run, or alone with ``--table-only``.
@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,71 +140,33 @@ def eval_only_overrides(variant: Variant) -> list[str]:
     return [o for o in variant.overrides if o not in paired.overrides]
 
 
-def copy_stages(source: Path, run: Path, stages: tuple[str, ...]) -> list[str]:
-    """The paired run's finished stages, copied (not re-checked against this config: the
-    variant differs from it only in test-time evaluation settings)."""
-    import shutil
-
-    if not (source / "train" / "manifest.json").is_file():
-        raise SystemExit(f"{run.name}: needs the trained model of {source} (run that variant first)")
-    for stage in stages:
-        if not (run / stage).is_dir():
-            run.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source / stage, run / f".{stage}.copying", dirs_exist_ok=True)
-            (run / f".{stage}.copying").rename(run / stage)
-    return list(stages)
-
-
 def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
-    """Runs one variant's pipeline (adopting what the dataset's other runs already hold)."""
-    from diffgrm_dist.core.config import load_config, section_hash, to_dict
-    from diffgrm_dist.core.rundir import RunDir
-    from diffgrm_dist.stages import adopt_current_stages
+    """Runs one variant's pipeline through ``diffgrm_dist.variants.run_variant`` (adopting what
+    the dataset's other runs already hold; an evaluation-only variant must adopt its paired
+    run's model) and returns the row's JSON."""
+    from diffgrm_dist.core.config import section_hash, to_dict
+    from diffgrm_dist.variants import Variant as RunnerVariant
+    from diffgrm_dist.variants import run_variant
 
-    home = work / dataset
-    run = home / variant.name
-    overrides = [f"tokenize.embedding_cache={home / 'embeddings'}", *variant.overrides]
-    config = config_path(dataset)
-    cfg = load_config(config, overrides)
-    if variant.paired_with:  # evaluation only, on a copy of the paired run's stages
-        adopted = copy_stages(home / variant.paired_with, run, ("prepare", "tokenize", "shard", "train"))
-        command = [str(Path(sys.executable).parent / "diffgrm"), "evaluate", "-c", str(config), "-o", str(run),
-                   *overrides]
-    else:
-        donors = [RunDir(p) for p in sorted(home.iterdir()) if p.is_dir() and p != run and p.name != "embeddings"]
-        adopted = adopt_current_stages(cfg, RunDir(run), donors)
-        command = [str(Path(sys.executable).parent / "diffgrm"), "pipeline", "-c", str(config), "-o", str(run),
-                   *overrides]
-    print(f"{dataset}/{variant.name}: running ({', '.join(adopted) or 'no stage'} adopted from earlier runs); "
-          f"log in {home / variant.name}.log", flush=True)
     source = git_info(ROOT)  # the code the run starts from
-    start = time.perf_counter()
-    with open(home / f"{variant.name}.log", "w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if done.returncode != 0:
-        raise SystemExit(f"{dataset}/{variant.name}: pipeline failed (exit {done.returncode}); "
-                         f"see {home / variant.name}.log")
-    wall = time.perf_counter() - start
-    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
-    tokenize = json.loads((run / "tokenize" / "stats.json").read_text())
-    train = json.loads((run / "train" / "stats.json").read_text())
+    done = run_variant(config_path(dataset), RunnerVariant(variant.name, variant.overrides, variant.paired_with or None),
+                       work / dataset)
+    cfg = done.cfg
     hashed = {k: v for k, v in to_dict(cfg).items() if k != "name"}
     return {
         "dataset": dataset, "variant": variant.name, "what": variant.what, "overrides": list(variant.overrides),
-        "config": str(config.relative_to(ROOT)),
+        "config": str(config_path(dataset).relative_to(ROOT)),
         "config_hash": section_hash(cfg.seed, cfg.data, cfg.prepare, cfg.tokenize, cfg.shard, cfg.model,
                                     cfg.train, cfg.eval),
         "command": shlex.join(["python", "tools/reproduce.py", "--datasets", dataset, "--variants", variant.name]),
-        "pipeline_command": shlex.join(["diffgrm", *command[1:]]),
+        "pipeline_command": done.command,
         "commit": source["commit"], "dirty": source["dirty"],
         "package_dirty": bool(source["changed_package_files"]),
-        "machine": device_string(), "adopted_stages": adopted,
-        "wall_s": {"pipeline": round(wall, 1), "train": train.get("wall_s"), "evaluate": metrics.get("decode_s")},
-        "model": {"d_model": hashed["model"]["d_model"], "parameters": train.get("parameters"),
+        "machine": device_string(), "adopted_stages": done.adopted,
+        "wall_s": {"pipeline": done.wall_s, "train": done.train.get("wall_s"), "evaluate": done.metrics.get("decode_s")},
+        "model": {"d_model": hashed["model"]["d_model"], "parameters": done.train.get("parameters"),
                   "epochs": hashed["train"]["epochs"], "batch_size": hashed["train"]["batch_size"]},
-        "metrics": metrics, "train": train,
-        "tokenize": {k: tokenize[k] for k in ("items", "distinct_codes", "colliding_items", "max_items_per_code")
-                     if k in tokenize},
+        "metrics": done.metrics, "train": done.train, "tokenize": done.tokenize,
     }
 
 

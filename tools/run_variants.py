@@ -1,11 +1,11 @@
 """Runs named variants of one experiment side by side and tabulates item- and SID-level
 metrics against popularity.
 
-Each variant is a list of ``section.key=value`` overrides on one config. Variants run in
-their own run directories under ``--work`` and share what they can: the embedding cache
-always, and every stage a variant does not change, copied from ``--seed-run`` (default:
-the first variant's run); each stage's manifest decides, so a copied stage whose config
-and inputs match is skipped and one that differs re-runs with everything after it.
+Each variant is a list of ``section.key=value`` overrides on one config, run by
+``diffgrm_dist.variants.run_variant`` (the runner ``tools/reproduce.py`` uses too): its own
+run directory under ``--work``, the embedding cache shared, and every stage some other run
+holds for exactly its config adopted from ``--seed-run`` or the other variants' runs (the
+manifests decide); the first stage none holds re-runs with everything after it.
 A variant whose result already exists is not re-run. Results (metrics, train stats, the
 overrides, the command and the git commit) go to ``--out/<variant>.json`` and the table to
 ``--out/README.md``.
@@ -19,54 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "tokenize", "shard", "train", "evaluate")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, git_info  # noqa: E402
 
-
-def git_commit() -> str:
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("-dirty" if dirty else "")
-
-
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    name, sep, rest = text.partition("=")
-    if not sep or not name:
-        raise SystemExit(f"--variant {text!r}: expected NAME=key=value key=value ...")
-    return name, shlex.split(rest)
-
-
-def run_variant(config: Path, name: str, overrides: list[str], work: Path, seed_run: Path | None,
-                cache: Path) -> dict:
-    run = work / name
-    if seed_run is not None and not run.exists():
-        run.mkdir(parents=True)
-        for stage in STAGES:  # the pipeline skips those whose manifest still matches
-            if (seed_run / stage / "manifest.json").is_file():
-                shutil.copytree(seed_run / stage, run / stage)
-    command = [str(Path(sys.executable).parent / "diffgrm"), "pipeline", "-c", str(config), "-o", str(run),
-               f"tokenize.embedding_cache={cache}", *overrides]
-    start = time.perf_counter()
-    with open(work / f"{name}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - start
-    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
-    return {"variant": name, "overrides": overrides, "config": str(config.relative_to(ROOT)),
-            "command": " ".join(shlex.quote(c) for c in ["diffgrm", *command[1:]]), "commit": git_commit(),
-            "wall_s": round(wall, 1), "metrics": metrics,
-            "train": json.loads((run / "train" / "stats.json").read_text()),
-            "tokenize": {k: v for k, v in json.loads((run / "tokenize" / "stats.json").read_text()).items()
-                         if k in ("distinct_codes", "colliding_items", "max_items_per_code", "items")}}
+from diffgrm_dist.variants import EMBEDDINGS, parse_variant, run_variant  # noqa: E402
 
 
 def table(results: list[dict]) -> str:
@@ -100,25 +60,27 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    cache = args.work / "embeddings"
+    cache = args.work / EMBEDDINGS
     if args.seed_run is not None and (args.seed_run / "embeddings").is_dir() and not cache.exists():
         shutil.copytree(args.seed_run / "embeddings", cache)  # the seed run's own cache
-    results, seed_run = [], args.seed_run
+    results = []
     for text in args.variant:
-        name, overrides = parse_variant(text)
-        target = args.out / f"{name}.json"
+        variant = parse_variant(text)
+        target = args.out / f"{variant.name}.json"
         if target.is_file():
             result = json.loads(target.read_text())
-            print(f"{name}: result exists, skipped")
+            print(f"{variant.name}: result exists, skipped")
         else:
-            print(f"{name}: running {' '.join(overrides) or '(config as is)'}", flush=True)
-            result = run_variant(args.config.resolve(), name, overrides, args.work, seed_run, cache)
+            source = git_info(ROOT)  # the code the run starts from
+            done = run_variant(args.config.resolve(), variant, args.work,
+                               [args.seed_run.resolve()] if args.seed_run else None)
+            result = {**done.summary(), "config": str(args.config.resolve().relative_to(ROOT)),
+                      "commit": (source["commit"] or "unknown") + ("-dirty" if source["dirty"] else "")}
             target.write_text(json.dumps(result, indent=2) + "\n")
             m = result["metrics"]
-            print(f"{name}: item N@10 {m['item']['ndcg@10']:.4f} R@10 {m['item']['recall@10']:.4f} "
+            print(f"{variant.name}: item N@10 {m['item']['ndcg@10']:.4f} R@10 {m['item']['recall@10']:.4f} "
                   f"(popularity {m['popularity']['ndcg@10']:.4f} / {m['popularity']['recall@10']:.4f}), "
                   f"{result['wall_s']:.0f} s", flush=True)
-        seed_run = seed_run or args.work / name
         results.append(result)
     text = table(results)
     title = args.title or f"Variants of {args.config}"
