@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "diffgrm_dist"
 # The layers, bottom first: a module may import its own layer and those before it.
-LAYERS = ("core", "cluster", "data", "tokenize", "model", "decode", "evaluate", "train", "stages", "stress", "cli")
+LAYERS = ("core", "cluster", "data", "tokenize", "model", "decode", "evaluate", "train", "stages", "variants", "stress",
+          "cli")
 
 
 @dataclass

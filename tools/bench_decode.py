@@ -54,6 +54,7 @@ from benchlib import (
     provenance,
     ratio,
     run_isolated,
+    timing,
     write_json,
 )
 
@@ -119,10 +120,10 @@ def decode_run(cfg: dict) -> dict:
         return top_items(groups, scores, catalogue, 10)[0]
 
     with torch.no_grad():
-        recommend(0, min(users, cfg["warmup_users"]))  # warm-up (allocations, first calls)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        tops = [recommend(lo, lo + batch) for lo in range(0, users, batch)]
-        seconds, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+        calls = [lambda: recommend(0, min(users, cfg["warmup_users"]))]  # warm-up (allocations, first calls)
+        calls += [lambda lo=lo: recommend(lo, lo + batch) for lo in range(0, users, batch)]
+        timed = timing().time_calls(calls, warmup=1)
+        tops, seconds, cpu_s = timed.timed_results, timed.seconds, timed.cpu_seconds
     return {"decoder": decoder, "beam": beam, "items": items, "users": users, "d_model": d_model,
             "batch": batch, "bf16": bf16, "users_per_s": users / seconds, "seconds": seconds,
             "cpu_s": cpu_s, "load_avg_1m": os.getloadavg()[0], "index_build_s": build_s,

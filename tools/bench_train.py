@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +66,7 @@ from benchlib import (
     provenance,
     ratio,
     run_isolated,
+    timing,
     write_json,
 )
 
@@ -216,14 +216,10 @@ def run_one(cfg: dict) -> dict:
             engine.step()
             return loss
 
-    losses, times, cpu = [], [], []
-    for b in data:  # the first ``warmup``: allocations, first-call overheads; not timed
-        start, start_cpu = time.perf_counter(), time.process_time()
-        loss = step(b)
-        losses.append(float(loss.detach().float()))
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    seconds = sum(times[warmup:])
+    # The first ``warmup`` steps: allocations, first-call overheads; not timed.
+    timed = timing().time_calls([lambda b=b: float(step(b).detach().float()) for b in data], warmup)
+    losses, seconds = timed.results, timed.seconds
+    times, cpu = [*timed.warmup_s, *timed.wall_s], [0.0] * warmup + timed.cpu_s
     return {"kind": kind, "objective": objective, "batch": batch, "steps": steps, "warmup": warmup,
             "padding": padding, "bf16": bf16, "widths": [int(b[0].shape[1]) for b in data[warmup:]],
             "step_s": seconds / steps, "step_times_s": times[warmup:], "warmup_s": times[:warmup],

@@ -180,3 +180,16 @@ def package_module(name: str):
 def catalogue_module():
     """The package's module holding the catalogue index (see ``package_module``)."""
     return package_module("decode.catalogue")
+
+
+def timing():
+    """The package's timing harness (``diffgrm_dist/core/timing.py``) from the current tree,
+    loaded by path: the same clock for the current and the baseline package, and for
+    ``diffgrm stress``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("diffgrm_timing", ROOT / "diffgrm_dist" / "core" / "timing.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from diffgrm_dist.core.timing import no_sync, time_calls
 from diffgrm_dist.stress.config import DecodePoint, TrainPoint, heads_for
 
 # --------------------------------------------------------------------------- a point, in its child
@@ -72,15 +73,15 @@ def measure_decode(point: DecodePoint, users: int, history: int, seed: int, thre
         groups, _ = distinct_sids(beams, point.beam)
         return float((groups >= 0).sum(1).mean())
 
-    batch(users, users + point.users_per_batch)  # warm-up
+    sync = torch.cuda.synchronize if device == "cuda" else no_sync
+    calls = [lambda: batch(users, users + point.users_per_batch)]  # warm-up, on users not timed
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start, start_cpu = time.perf_counter(), time.process_time()
-    distinct = [batch(lo, min(lo + point.users_per_batch, users)) for lo in range(0, users, point.users_per_batch)]
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+        calls.append(torch.cuda.reset_peak_memory_stats)
+    warmup = len(calls)
+    calls += [lambda lo=lo: batch(lo, min(lo + point.users_per_batch, users))
+              for lo in range(0, users, point.users_per_batch)]
+    timed = time_calls(calls, warmup, sync)
+    seconds, cpu_s, distinct = timed.seconds, timed.cpu_seconds, timed.timed_results
     passes = math.ceil(point.digits / point.fill_digits) if point.decoder == "diffusion" else point.digits
     batches = math.ceil(users / point.users_per_batch)
     return {"users_per_s": users / seconds, "seconds": seconds, "cpu_s": cpu_s, "timed_users": users,
@@ -153,16 +154,11 @@ def _train_rank(rank: int, point: TrainPoint, steps: int, history: int, seed: in
         return float(loss)
 
     step()  # warm-up
-    if gpu:
-        torch.cuda.synchronize()
     dist.barrier()
-    start, start_cpu = time.perf_counter(), time.process_time()
-    losses = [step() for _ in range(steps)]
-    if gpu:
-        torch.cuda.synchronize()
-    cpu_all = torch.tensor([time.process_time() - start_cpu], dtype=torch.float64, device=device)
+    timed = time_calls([step] * steps, warmup=0, sync=torch.cuda.synchronize if gpu else no_sync)
+    losses, seconds = timed.results, timed.seconds
+    cpu_all = torch.tensor([timed.cpu_seconds], dtype=torch.float64, device=device)
     dist.all_reduce(cpu_all)  # CPU seconds of all ranks
-    seconds = time.perf_counter() - start
     if rank == 0:
         Path(result).write_text(json.dumps({
             "samples_per_s": point.batch_size * steps / seconds, "seconds": seconds,
