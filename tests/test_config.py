@@ -128,7 +128,7 @@ def test_released_recipe_in_the_paper_configs():
     assert load_config(CONFIGS / "demo.yaml").tokenize.pca_dim == 256
 
 
-@pytest.mark.parametrize("override", ["model.decoder=mlp", "train.shuffle=never", "eval.item_rule=best",
+@pytest.mark.parametrize("override", ["model.decoder=mlp", "train.shuffle=never", "eval.item_rule=best", "eval.cpd_prune=never",
                                       "train.select_on=loss"])
 def test_choice_fields_are_checked(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):

@@ -335,3 +335,87 @@ def test_key_table_lookups_without_host_syncs_equal_the_shrinking_ones():
     masked = table.lookup(asked, sync_free=True)
     assert torch.equal(shrinking, masked)
     assert torch.equal(masked.view(-1)[:5000], torch.arange(5000))
+
+
+class FixedLogits(torch.nn.Module):
+    """A decoder whose per-digit log-probabilities do not depend on the state: CPD by hand."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logp = torch.tensor(probs).log()  # (n, k)
+
+    def denoise(self, memory, codes, masked):
+        return self.logp.expand(codes.shape[0], -1, -1)
+
+
+class HandMemory:
+    mask = torch.ones(1, 1, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("prune, merge, expected", [
+    # step: only (0,1) and (2,2) exist, so the digit-1 favourite (0) is never taken.
+    ("step", True, [((0, 1), 0.15), ((2, 2), 0.04)]),
+    ("step", False, [((0, 1), 0.15), ((2, 2), 0.04)]),
+    # final (the paper): d1=0 (.6) and d0=0 (.5) lead; both reach (0, 0) (.30, no item's).
+    # Merged, (0,0) holds one slot and (2,0) (.24) the other; unmerged, (0,0) holds both.
+    ("final", True, [((0, 0), 0.30), ((2, 0), 0.24)]),
+    ("final", False, [((0, 0), 0.30), ((0, 0), 0.30)]),
+])
+def test_cpd_pruning_and_merging_by_hand(prune, merge, expected):
+    cat = Catalogue(np.array([[0, 1], [2, 2]]), (3, 3))
+    model = FixedLogits([[0.5, 0.1, 0.4], [0.6, 0.3, 0.1]])
+    beams = cpd(model, HandMemory(), cat, beam=2, prune=prune, merge_states=merge)
+    got = [(tuple(c), round(float(s.exp()), 4)) for c, s in zip(beams.codes[0].tolist(), beams.scores[0])]
+    assert got == [(c, pytest.approx(p)) for c, p in expected]
+    groups = beams.groups[0].tolist()
+    assert groups == [cat.groups_of(torch.tensor([c]))[0].item() for c, _ in expected]
+    if prune == "final":  # no item has (0,0) or (2,0): nothing to recommend, as the paper's CPD would
+        assert (beams.groups[0] < 0).all() and (distinct_sids(beams, 2)[0] < 0).all()
+
+
+def reference_cpd(model, mem, codes, sizes, beam, prune, merge):
+    """CPD as the paper's steps say, one beam at a time in Python: every (unfilled digit,
+    code) candidate (``step``: only those some item's code agrees with), the global top
+    ``beam`` per step (``merge``: one candidate per state, its best)."""
+    n = len(sizes)
+    items = {tuple(c) for c in codes.tolist()}
+    beams = [((None,) * n, 0.0)]
+    for _ in range(n):
+        candidates = []
+        for state, score in beams:
+            filled = torch.tensor([[s is not None for s in state]])
+            current = torch.tensor([[s or 0 for s in state]])
+            logp = torch.log_softmax(model.denoise(mem, current, ~filled).float(), -1)[0]
+            for digit in (d for d in range(n) if state[d] is None):
+                for code in range(sizes[digit]):
+                    new = state[:digit] + (code,) + state[digit + 1:]
+                    if prune == "step" and not any(all(p is None or p == c for p, c in zip(new, item))
+                                                   for item in items):
+                        continue
+                    candidates.append((new, score + logp[digit, code].item()))
+        candidates.sort(key=lambda c: -c[1])
+        if merge:
+            seen, kept = set(), []
+            for state, score in candidates:
+                if state not in seen:
+                    seen.add(state)
+                    kept.append((state, score))
+            candidates = kept
+        beams = candidates[:beam]
+    return beams
+
+
+@pytest.mark.parametrize("prune", ["step", "final"])
+@pytest.mark.parametrize("merge", [True, False])
+def test_cpd_options_equal_the_papers_steps_run_one_beam_at_a_time(codes, prune, merge):
+    model, cat = tiny_model(), Catalogue(codes, SIZES)
+    memory = memory_for(model, users=2)
+    beams = cpd(model, memory, cat, beam=6, prune=prune, merge_states=merge)
+    for user in range(2):
+        expected = reference_cpd(model, memory.select(torch.tensor([user])), codes, SIZES, 6, prune, merge)
+        got = [(tuple(c), s) for c, s in zip(beams.codes[user].tolist(), beams.scores[user].tolist())
+               if s > float("-inf")]  # fewer states than beams: the rest are padding
+        assert [c for c, _ in got] == [c for c, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=1e-4, atol=1e-5)
+        if prune == "step":
+            assert (beams.groups[user][: len(got)] >= 0).all()  # every beam is an item's code

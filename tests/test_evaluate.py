@@ -187,6 +187,15 @@ def test_outputs(trained, tmp_path, run_cli):
     hits = [item_ids[t["target"]] in {r["item"] for r in by_user.get(seqs[t["user"]], [])} for t in test]
     assert np.mean(hits) == pytest.approx(metrics["item"]["recall@10"])
 
+    # The paired comparison reads the same rankings: its per-user ranks give the reported metrics.
+    from diffgrm_dist.evaluate.paired import dense_ranks, ndcg_at, paired_interval, sparse_ranks, target_ranks
+
+    ranks = target_ranks(run)
+    assert len(ranks) == metrics["users"] and (ranks > 0).mean() == pytest.approx(metrics["item"]["recall@10"])
+    assert ndcg_at(ranks).mean() == pytest.approx(metrics["item"]["ndcg@10"])
+    np.testing.assert_array_equal(dense_ranks(json.loads(json.dumps(sparse_ranks(ranks)))), ranks)
+    assert paired_interval(ranks, ranks) == (0.0, 0.0, 0.0)
+
 
 def test_recommend_cli(trained, run_cli):
     items = pq.read_table(trained / "prepare" / "items.parquet").to_pylist()

@@ -197,3 +197,29 @@ def test_dense_head_scores_every_item_and_learns():
     assert first == pytest.approx(math.log(50), rel=0.05) and loss.item() < 0.2 * first
     with pytest.raises(ValueError, match="catalogue size"):
         DiffGRM(ModelConfig(decoder="dense"), SidSpec((16,) * 4, 10))
+
+
+def test_without_digit_positions_the_decoder_has_none_and_still_knows_each_digit():
+    """model.digit_pos=false (the released decoder): no position table; a slot's digit comes
+    from its mask embedding or its code's row, so fully masked slots still differ by digit,
+    and the AR KV-cache step still equals the teacher-forced decoder."""
+    from diffgrm_dist.core.config import section_hash
+
+    with_pos, without = model(), model(digit_pos=False)
+    assert "digit_pos" in with_pos.state_dict() and "digit_pos" not in without.state_dict()
+    assert with_pos.num_parameters() - without.num_parameters() == 4 * 32
+    assert section_hash(ModelConfig()) == section_hash(ModelConfig(digit_pos=True))  # old runs stay current
+    assert section_hash(ModelConfig(digit_pos=False)) != section_hash(ModelConfig())
+    history, mask, targets = batch()
+    memory = without.encode(history, mask)
+    logits = without.denoise(memory, targets, torch.ones_like(targets, dtype=torch.bool))
+    assert not torch.allclose(logits[:, 0], logits[:, 1])  # per-digit mask embeddings
+    ar = DiffGRM(ModelConfig(d_model=32, heads=4, ffn=64, decoder_layers=2, dropout=0.0, digit_pos=False,
+                             decoder="autoregressive"), SPEC).eval()
+    memory = ar.encode(history, mask)
+    forced = ar.autoregress(memory, targets[:, :3])
+    past, prev = None, None
+    for step in range(4):
+        step_logits, past = ar.autoregress_step(memory, prev, step, past)
+        torch.testing.assert_close(step_logits, forced[:, step], rtol=1e-4, atol=1e-5)
+        prev = targets[:, step]

@@ -8,6 +8,7 @@ import json
 import shutil
 import statistics
 
+import numpy as np
 import pytest
 import reproduce
 from helpers.paths import CONFIGS, require_amazon
@@ -68,7 +69,8 @@ def test_test_time_eval_settings_do_not_retrain(tiny_run):
     test-time decoding options; those re-run evaluate only."""
     run = RunDir(tiny_run)
     base = load_config(CONFIGS / "tiny.yaml")
-    for override in ("eval.beam_size=7", "eval.fill_order=random", "eval.fill_digits=2", "eval.split=valid"):
+    for override in ("eval.beam_size=7", "eval.fill_order=random", "eval.fill_digits=2", "eval.split=valid",
+                     "eval.cpd_prune=final", "eval.merge_states=false"):
         changed = load_config(CONFIGS / "tiny.yaml", [override])
         assert stage_record(STAGES["train"], changed, run) == stage_record(STAGES["train"], base, run), override
         assert section_hash(changed.eval) != section_hash(base.eval), override  # evaluate re-runs
@@ -239,3 +241,41 @@ def test_gpu_projection_counts_the_paper_config_on_beauty():
     fast = project_gpu.project(m, 989e12, 0.1, 8e-6)
     slow = project_gpu.project(m, 989e12, 0.05, 24e-6)
     assert 0 < fast["total_h"] < slow["total_h"]
+
+
+def test_tuned_rows_show_the_best_on_validation_and_pairs_get_a_paired_interval(tmp_path):
+    """A tune group shows only its best row by validation score; rows carrying per-user
+    ranks are compared with the main row by the paired bootstrap; AR's seeds against
+    DiffGRM's with Welch's interval."""
+    from diffgrm_dist.evaluate.paired import sparse_ranks
+
+    rng = np.random.default_rng(0)
+    main_ranks = np.where(rng.random(5000) < 0.1, rng.integers(1, 11, 5000), 0)
+    worse = main_ranks.copy()
+    worse[np.nonzero(worse)[0][::3]] = 0
+    rows = {"diffgrm": (0.030, main_ranks), "diffgrm_seed1": (0.031, None), "diffgrm_seed2": (0.029, None),
+            "ar": (0.024, worse), "ar_seed1": (0.025, None), "ar_seed2": (0.023, None)}
+    for variant, (n10, ranks) in rows.items():
+        result = _result("beauty", variant, n10)
+        if ranks is not None:
+            result["target_ranks"] = sparse_ranks(ranks)
+        _write(tmp_path, result)
+    for name, score in (("dense_do1_wd0", 0.2), ("dense_do3_wd1", 0.5), ("dense_do5_wd0", 0.4)):
+        result = _result("beauty", name, 0.04)
+        result["train"]["best_score"] = score
+        _write(tmp_path, result)
+    results = reproduce.load_results(tmp_path)["beauty"]
+    assert reproduce.tuned_best(results) == {"dense": "dense_do3_wd1"}
+    lines = reproduce.dataset_table("beauty", results)
+    dense = [line for line in lines if line.startswith("| dense baseline")]
+    assert len(dense) == 1 and "dropout 0.3, weight decay 0.01" in dense[0] and "best of 3 settings" in dense[0]
+    ar = next(line for line in lines if line.startswith("| AR baseline: same SIDs"))
+    diff, lo, hi = reproduce.paired_difference(results["ar"], results["diffgrm"])
+    assert lo < diff < hi < 0 and f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}] paired" in ar
+    seed1 = next(line for line in lines if line.startswith("| DiffGRM, training seed 1"))
+    assert "±" in seed1  # no per-user ranks: the seed-spread interval
+    versus = next(line for line in lines if line.startswith("| DiffGRM (3 seeds) - AR (3 seeds)"))
+    d, lo, hi, _, _ = reproduce.seeds_difference([results[n] for n in reproduce.SEEDS],
+                                                 [results[n] for n in reproduce.AR_SEEDS])
+    assert d == pytest.approx(0.006) and lo < d < hi and f"[{lo:+.4f}, {hi:+.4f}]" in versus
+    assert any(line.startswith("*paired*") for line in lines)

@@ -58,6 +58,7 @@ class Variant:
     datasets: tuple[str, ...] = DATASETS
     paper: str = ""  # key into PAPER_ABLATIONS: the paper's NDCG@10 for this ablation
     paired_with: str = ""  # evaluation only: the variant whose trained model (and stages) it reuses
+    tune_group: str = ""  # rows tuned together: the table shows the one best on validation
 
 
 VARIANTS = (
@@ -92,8 +93,24 @@ VARIANTS = (
             ("beauty",), paper="random_order"),
     Variant("rq_kmeans", ("tokenize.quantizer=rq_kmeans",), "ablation: RQ-KMeans SIDs instead of PSE (OPQ)",
             ("beauty",), paper="rq_kmeans"),
+    Variant("ar_seed1", ("model.decoder=autoregressive", "train.seed=1"), "AR baseline, training seed 1", ("beauty",)),
+    Variant("ar_seed2", ("model.decoder=autoregressive", "train.seed=2"), "AR baseline, training seed 2", ("beauty",)),
+    Variant("cpd_paper", ("eval.cpd_prune=final", "eval.merge_states=false"),
+            "the paper's CPD: codes no item has dropped at the end, states never merged", ("beauty",),
+            paired_with="diffgrm"),
+    Variant("cpd_final_merged", ("eval.cpd_prune=final",), "CPD pruned at the end, states merged", ("beauty",),
+            paired_with="diffgrm"),
+    Variant("cpd_step_unmerged", ("eval.merge_states=false",), "CPD pruned every step, states never merged",
+            ("beauty",), paired_with="diffgrm"),
+    Variant("no_digit_pos", ("model.digit_pos=false",), "ablation: no digit-position embedding (the released decoder)",
+            ("beauty",)),
+    *(Variant(f"dense_do{int(dropout * 10)}_wd{int(wd * 100)}",
+              ("model.decoder=dense", f"model.dropout={dropout}", f"train.weight_decay={wd}"),
+              f"dense baseline, dropout {dropout}, weight decay {wd}", ("beauty",), tune_group="dense")
+      for dropout in (0.1, 0.3, 0.5) for wd in (0.0, 0.01)),
 )
 SEEDS = ("diffgrm", "diffgrm_seed1", "diffgrm_seed2")  # training seeds, one set of SIDs
+AR_SEEDS = ("ar", "ar_seed1", "ar_seed2")  # the AR baseline's training seeds, on the same SIDs
 TOKENIZE_SEEDS = ("diffgrm", "diffgrm_tok1", "diffgrm_tok2")  # tokenization seeds, training seed 0
 # Code and configs whose change can move a row's numbers: a row made before the last commit
 # touching any of them is marked in the table with the commit it came from.
@@ -145,6 +162,7 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
     the dataset's other runs already hold; an evaluation-only variant must adopt its paired
     run's model) and returns the row's JSON."""
     from diffgrm_dist.core.config import section_hash, to_dict
+    from diffgrm_dist.evaluate.paired import sparse_ranks, target_ranks
     from diffgrm_dist.variants import Variant as RunnerVariant
     from diffgrm_dist.variants import run_variant
 
@@ -167,6 +185,8 @@ def run_pair(dataset: str, variant: Variant, work: Path) -> dict:
         "model": {"d_model": hashed["model"]["d_model"], "parameters": done.train.get("parameters"),
                   "epochs": hashed["train"]["epochs"], "batch_size": hashed["train"]["batch_size"]},
         "metrics": done.metrics, "train": done.train, "tokenize": done.tokenize,
+        # where the run ranked each test user's true item (top 10): paired intervals between rows
+        "target_ranks": sparse_ranks(target_ranks(done.run, cfg.eval.split), cfg.eval.top_k),
     }
 
 
@@ -285,6 +305,44 @@ def _sid(result: dict) -> tuple[float, float]:
     return result["metrics"]["sid"]["recall@10"], result["metrics"]["sid"]["ndcg@10"]
 
 
+def tuned_best(results: dict[str, dict]) -> dict[str, str]:
+    """Per tune group, the row whose training reached the best validation score."""
+    best: dict[str, str] = {}
+    for v in VARIANTS:
+        r = results.get(v.name)
+        if v.tune_group and r is not None:
+            current = results.get(best.get(v.tune_group, ""))
+            if current is None or r["train"]["best_score"] > current["train"]["best_score"]:
+                best[v.tune_group] = v.name
+    return best
+
+
+def paired_difference(result: dict, main: dict) -> tuple[float, float, float] | None:
+    """Item N@10 of ``result`` minus ``main`` over the same users, with its paired bootstrap
+    interval, where both rows carry their per-user ranks (None otherwise)."""
+    from diffgrm_dist.evaluate.paired import dense_ranks, paired_interval
+
+    a, b = result.get("target_ranks"), main.get("target_ranks")
+    if not a or not b or a["users"] != b["users"]:
+        return None
+    return paired_interval(dense_ranks(a), dense_ranks(b))
+
+
+def seeds_difference(first: list[dict], second: list[dict]) -> tuple[float, float, float, int, int] | None:
+    """Mean item N@10 of one set of training seeds minus another's, with Welch's 95% interval
+    (each side's seed-to-seed spread); None with fewer than 2 runs a side."""
+    from scipy import stats
+
+    if len(first) < 2 or len(second) < 2:
+        return None
+    a, b = [_item(r)[3] for r in first], [_item(r)[3] for r in second]
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff, se = statistics.mean(a) - statistics.mean(b), math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else 1.0
+    half = float(stats.t.ppf(0.975, df)) * se
+    return diff, diff - half, diff + half, len(a), len(b)
+
+
 def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, list[dict]] | None = None,
                   spread_from: tuple[float, str] | None = None) -> list[str]:
     """Markdown lines of one dataset's table: every variant that has a result (marked with
@@ -305,9 +363,11 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
              "| row | item R@5 | item N@5 | item R@10 | item N@10 | x pop. | vs DiffGRM: item N@10 diff (95%) | "
              "SID R@10 | SID N@10 | paper N@10 (SID) | train min | colliding items |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    best_tuned = tuned_best(results)
+    paired_used = False
     for variant in VARIANTS:
         r = results.get(variant.name)
-        if r is None:
+        if r is None or (variant.tune_group and best_tuned.get(variant.tune_group) != variant.name):
             continue
         item = _item(r)
         sid_r, sid_n = _sid(r)
@@ -315,12 +375,20 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
         if variant.name == "ar":
             paper = PAPER_TIGER[dataset][3]  # TIGER's own paper: RQ-VAE codes, not these SIDs
         label = variant.what + (f" (vs {variant.paired_with})" if variant.paired_with else "") + stale_mark(r)
+        if variant.tune_group:
+            tried = sum(v.tune_group == variant.tune_group and v.name in results for v in VARIANTS)
+            label += f" (best of {tried} settings on validation)"
         if main is not None and machine_of(r) != machine_of(main):
             label += " †"
             other_machines.add(machine_of(r))
         diff = "-"
-        if main is not None and variant.name != "diffgrm" and sd == sd:
-            diff = f"{item[3] - _item(main)[3]:+.4f} ± {Z95 * math.sqrt(2) * sd:.4f}"
+        if main is not None and variant.name != "diffgrm":
+            paired = paired_difference(r, main)
+            if paired is not None:
+                paired_used = True
+                diff = f"{paired[0]:+.4f} [{paired[1]:+.4f}, {paired[2]:+.4f}] paired"
+            elif sd == sd:
+                diff = f"{item[3] - _item(main)[3]:+.4f} ± {Z95 * math.sqrt(2) * sd:.4f}"
         lines.append(f"| {label} | {_fmt(item)} | {item[3] / pop_n10:.2f}x | {diff} | {sid_r:.4f} | {sid_n:.4f} | "
                      f"{f'{paper:.4f}' if paper else '-'} | {r['train']['wall_s'] / 60:.0f} | "
                      f"{r['tokenize']['colliding_items']} |")
@@ -332,10 +400,19 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
                      f"{statistics.stdev(r10):.4f} | {statistics.mean(n10):.4f} ± {statistics.stdev(n10):.4f} | "
                      f"{statistics.mean(n10) / pop_n10:.2f}x | - | - | {statistics.mean(sid):.4f} ± "
                      f"{statistics.stdev(sid):.4f} | - | - | - |")
+    versus_ar = seeds_difference([r for r in groups.get("training seeds", [])],
+                                 [results[n] for n in AR_SEEDS if n in results])
+    if versus_ar is not None:
+        d, lo, hi, na, nb = versus_ar
+        lines.append(f"| DiffGRM ({na} seeds) - AR ({nb} seeds): item N@10, Welch 95% interval | - | - | - | "
+                     f"{d:+.4f} | - | [{lo:+.4f}, {hi:+.4f}] | - | - | - | - | - |")
     lines.append(f"| popularity | {_fmt([pop[m] for m in METRICS])} | 1.00x | - | - | - | - | - | - |")
     for label, paper in (("*paper: DiffGRM (SID level, paper scale)*", PAPER[dataset]),
                          ("*paper: TIGER, from its own paper (SID level)*", PAPER_TIGER[dataset])):
         lines.append(f"| {label} | - | - | - | - | - | - | {paper[2]:.4f} | {paper[3]:.4f} | {paper[3]:.4f} | - | - |")
+    if paired_used:
+        lines += ["", "*paired*: the difference in item N@10 over the same test users and its 95% paired "
+                      "bootstrap interval (2,000 resamples of users), from the rankings both runs wrote."]
     if other_machines:
         lines += ["", f"† made on another machine than the DiffGRM row ({machine_of(main)}): "
                       f"{'; '.join(sorted(other_machines))}. Embeddings, SIDs and bf16 training differ in their "

@@ -130,6 +130,9 @@ class ModelConfig:
     encoder_layers: int = 1
     decoder_layers: int = 4
     dropout: float = 0.1
+    # A learned per-digit position added to every decoder slot; the released decoder has none
+    # (its per-digit mask embeddings and code tables already say which digit a slot is).
+    digit_pos: bool = field(default=True, metadata={"hash": "if_set"})
 
 
 @dataclass
@@ -191,6 +194,10 @@ class EvalConfig:
     fill_order: str = field(default="confidence", metadata={"test_only": True})  # confidence (CPD) | random (ablation)
     # Digits CPD fills per decoder pass at test time (1: the paper's CPD; m: ceil(n/m) passes).
     fill_digits: int = field(default=1, metadata={"test_only": True})
+    # CPD's pruning and merging at test time: step + merged (default) | final + unmerged (the
+    # paper: partial codes no item has are dropped only at the end, states never merged).
+    cpd_prune: str = field(default="step", metadata={"test_only": True, "hash": "if_set"})
+    merge_states: bool = field(default=True, metadata={"test_only": True, "hash": "if_set"})
     item_rule: str = "code_prob"  # code_prob: log p(code) + log p(item|code) | expand: code's items tied
     valid_users: int = 0  # per-epoch validation on this seeded sample of users; 0 = all
     autocast_bf16: bool = False  # bf16 autocast in decoding
@@ -242,7 +249,8 @@ class ExperimentConfig:
                    "train.shuffle": (self.train.shuffle, ("windows", "shards")),
                    "train.select_on": (self.train.select_on, ("sid", "item")),
                    "train.loss_mean": (self.train.loss_mean, ("view", "token")),
-                   "eval.item_rule": (self.eval.item_rule, ("code_prob", "expand"))}
+                   "eval.item_rule": (self.eval.item_rule, ("code_prob", "expand")),
+                   "eval.cpd_prune": (self.eval.cpd_prune, ("step", "final"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {allowed}")

@@ -22,6 +22,7 @@ from diffgrm_dist.model.network import DiffGRM, Memory
 NEG_INF = float("-inf")
 # How beams over codes become a ranking of items (see ``rank_items``).
 ITEM_RULES = ("code_prob", "expand")
+CPD_PRUNE = ("step", "final")  # where CPD drops partial codes that are no item's
 
 
 # --------------------------------------------------------------------------- CPD
@@ -39,12 +40,17 @@ class Beams:
 @torch.no_grad()
 def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
         final_step: str = "global", fill_order: torch.Tensor | None = None,
-        fill_digits: int = 1, merge_destinations: bool = True) -> Beams:
+        fill_digits: int = 1, merge_destinations: bool = True, prune: str = "step",
+        merge_states: bool = True) -> Beams:
     """Confidence-guided Parallel Denoising.
 
-    Beams that reach the same state (the same digits filled with the same codes, in another
-    order) are merged at every step, keeping the best score; the paper deduplicates codes
-    only at the end, which lets one code occupy up to n! beam slots.
+    ``prune``: ``step`` (default) keeps only candidates whose filled digits some item has, at
+    every step; ``final`` (the paper) lets every (unfilled digit, code) compete and drops
+    codes that are no item's only when ranking the finished beams (``groups`` -1).
+    ``merge_states``: True (default) merges beams that reach the same state (the same digits
+    filled with the same codes, in another order) at every step, keeping the best score;
+    False (the paper) keeps them apart and deduplicates codes only at the end, which lets
+    one code occupy up to n! beam slots. The paper's CPD is ``final`` + no merging.
     ``final_step``: ``global`` keeps the global top-B selection to the end (paper);
     ``greedy`` fills each beam's last digit with its best existing code (released code).
     ``fill_order``: a fixed digit order (the ablation's "random fixed order"); None lets
@@ -62,6 +68,8 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
     """
     if fill_digits < 1:
         raise ValueError(f"eval.fill_digits must be >= 1, got {fill_digits}")
+    if prune not in CPD_PRUNE:
+        raise ValueError(f"eval.cpd_prune: {prune!r} is not one of {CPD_PRUNE}")
     users = memory.mask.shape[0]
     n, k = catalogue.digits, max(catalogue.sizes)
     device = memory.mask.device
@@ -69,13 +77,17 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
     filled = torch.zeros(users, 1, n, dtype=torch.bool, device=device)
     scores = torch.zeros(users, 1, device=device)
     fills = 0  # digits filled so far (the same for every beam)
+    # The code slots each digit has (codebooks may differ in size): what ``final`` allows.
+    slots = torch.arange(k, device=device) < torch.tensor(catalogue.sizes, device=device)[:, None]  # (n, k)
     while fills < n:
         width = codes.shape[1]
         logits = model.denoise(memory, codes.view(-1, n), ~filled.view(-1, n))
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, n, k)
         for _ in range(min(fill_digits, n - fills)):
             width = codes.shape[1]
-            if merge_destinations:
+            if prune == "final":
+                allowed, dest = ~filled[..., None] & slots, None
+            elif merge_destinations and merge_states:
                 allowed, dest = catalogue.candidate_destinations(codes, filled)  # (U, W, n, k) each
             else:
                 allowed, dest = catalogue.candidates_exist(codes, filled), None
@@ -92,11 +104,15 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                 # Merged destinations break that bound: widen (up to 16x) until `beam` distinct
                 # states remain.
                 total_flat, take = total.view(users, -1), min(beam * (fills + 1), width * n * k)
+                if not merge_states:  # every candidate is its own beam: the global top B
+                    take = min(beam, width * n * k)
                 widest = min(16 * take, width * n * k)
                 wanted = None if dest is None else torch.isfinite(total_flat).sum(1).clamp(max=beam)
                 while True:
                     cand_scores, idx = total_flat.topk(take, dim=-1)
                     pick_beam, flat = idx // (n * k), idx % (n * k)
+                    if not merge_states:
+                        break
                     key = catalogue.state_key(codes, filled, pick_beam, flat // k, flat % k)
                     if dest is not None:  # known destination: the code names the state (keys < 0)
                         known = dest.view(users, -1).gather(1, idx)
@@ -194,6 +210,8 @@ class SearchOptions:
     final_step: str = "global"
     fill_order: torch.Tensor | None = None  # a fixed digit order (the ablation); None: by confidence
     fill_digits: int = 1  # digits CPD fills per decoder pass
+    cpd_prune: str = "step"  # step: only partial codes some item has | final: the paper's (at the end)
+    merge_states: bool = True  # merge beams that reach one state in another order (False: the paper)
 
     def to(self, device: torch.device) -> SearchOptions:
         """The same options with ``fill_order`` on ``device``."""
@@ -209,7 +227,7 @@ def decode_beams(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tens
         return ar_beam_search(model, memory, catalogue, options.beam)
     if options.decoder == "diffusion":
         return cpd(model, memory, catalogue, options.beam, options.final_step, options.fill_order,
-                   options.fill_digits)
+                   options.fill_digits, prune=options.cpd_prune, merge_states=options.merge_states)
     raise ValueError(f"model.decoder: {options.decoder!r} has no beam search")
 
 

@@ -95,7 +95,8 @@ class Ranker:
 
     def decode(self, queries: Queries, beam: int) -> dict[str, np.ndarray]:
         """Top-K items (and SIDs) per user, with per-user metric values when targets are known."""
-        options = SearchOptions(beam, self.decoder, self.cfg.final_step, self.fill_order, self.cfg.fill_digits)
+        options = SearchOptions(beam, self.decoder, self.cfg.final_step, self.fill_order, self.cfg.fill_digits,
+                                self.cfg.cpd_prune, self.cfg.merge_states)
         return rank_queries(self.model, queries, self.sids, self.catalogue, self.cfg, options)
 
     def rank(self, chunk: int, start: int, end: int, beam: int, out_dir: str) -> Part:
@@ -223,6 +224,7 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: Any, out: Path) -> dict[str, An
                     "decoder": args["decoder"], "item_rule": cfg.eval.item_rule,
                     "final_step": cfg.eval.final_step,
                     "fill_order": cfg.eval.fill_order, "fill_digits": cfg.eval.fill_digits,
+                    "cpd_prune": cfg.eval.cpd_prune, "merge_states": cfg.eval.merge_states,
                     "actors": actors, "nodes": nodes, "parts": len(parts), "parts_by_driver": by_driver,
                     "decode_s": round(decode_s, 3), "users_per_s": round(users / decode_s, 2)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

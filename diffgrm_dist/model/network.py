@@ -216,7 +216,7 @@ class DiffGRM(nn.Module):
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
         self.encoder_ln = nn.LayerNorm(d)
         self.mask_emb = nn.Parameter(torch.zeros(n, d))  # one mask embedding per digit
-        self.digit_pos = nn.Parameter(torch.zeros(n, d))
+        self.digit_pos = nn.Parameter(torch.zeros(n, d)) if cfg.digit_pos else None
         self.bos = nn.Parameter(torch.zeros(d))  # autoregressive decoder only
         dense = cfg.decoder == "dense"
         if dense and spec.items < 1:
@@ -227,7 +227,8 @@ class DiffGRM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(self._init)
         for p in (self.mask_emb, self.digit_pos, self.bos):
-            nn.init.normal_(p, std=0.02)
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -283,11 +284,17 @@ class DiffGRM(nn.Module):
         views of one training example, or the beams of one user at inference)."""
         group = codes.shape[0] // memory.mask.shape[0]
         shown = self.codes(torch.where(masked, self.pad, codes + self.offsets))
-        x = torch.where(masked[..., None], self.mask_emb.expand_as(shown), shown) + self.digit_pos
+        x = torch.where(masked[..., None], self.mask_emb.expand_as(shown), shown)
+        x = self.with_digit_pos(x, 0, codes.shape[1])
         x = self.drop(x)
         for block, kv in zip(self.decoder, memory.kv):
             x = block(x, kv, memory.mask, causal=False, group=group)
         return self.stacked_logits(self.decoder_ln(x))
+
+    def with_digit_pos(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``x`` (..., stop - start, d) plus the digit positions of slots start..stop-1
+        (``model.digit_pos``; unchanged without them)."""
+        return x if self.digit_pos is None else x + self.digit_pos[start:stop]
 
     def autoregress(self, memory: Memory, codes: torch.Tensor) -> torch.Tensor:
         """AR decoder, teacher forced: (R, t) codes of the first t digits -> (R, t+1, K_max)
@@ -295,7 +302,7 @@ class DiffGRM(nn.Module):
         r, t = codes.shape
         group = r // memory.mask.shape[0]
         prev = self.codes(codes + self.offsets[:t])
-        x = torch.cat([self.bos.expand(r, 1, -1), prev], dim=1) + self.digit_pos[:t + 1]
+        x = self.with_digit_pos(torch.cat([self.bos.expand(r, 1, -1), prev], dim=1), 0, t + 1)
         x = self.drop(x)
         for block, kv in zip(self.decoder, memory.kv):
             x = block(x, kv, memory.mask, causal=True, group=group)
@@ -312,7 +319,7 @@ class DiffGRM(nn.Module):
         rows = memory.mask.shape[0] if prev is None else prev.shape[0]
         group = rows // memory.mask.shape[0]
         x = self.bos.expand(rows, 1, -1) if prev is None else self.codes(prev + self.digit_start[step - 1])[:, None]
-        x = self.drop(x + self.digit_pos[step])
+        x = self.drop(self.with_digit_pos(x, step, step + 1))
         cache = []
         for i, (block, kv) in enumerate(zip(self.decoder, memory.kv)):
             x, layer_kv = block.step(x, None if past is None else past[i], kv, memory.mask, group)

@@ -83,7 +83,9 @@ def build_engine(cfg: ExperimentConfig, spec: SidSpec, world: int, total_steps: 
     if cfg.train.zero_stage == 3:
         # Weights read outside their own module's forward (tied output table, position and
         # mask embeddings) must be gathered for the wrapper's whole forward.
-        external = [model.codes.weight, model.history_pos.weight, model.mask_emb, model.digit_pos, model.bos]
+        external = [model.codes.weight, model.history_pos.weight, model.mask_emb, model.bos]
+        if model.digit_pos is not None:
+            external.append(model.digit_pos)
         if model.item_emb is not None:  # the dense head's output table
             external.append(model.item_emb.weight)
         for param in external:
