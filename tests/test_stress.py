@@ -17,7 +17,7 @@ from helpers.paths import CONFIGS, ROOT
 
 from diffgrm_dist.cluster.raycluster import free_port
 from diffgrm_dist.core.errors import ConfigError
-from diffgrm_dist.stress.config import expand, load_stress_config
+from diffgrm_dist.stress.config import expand, flatten, load_stress_config, method, resolved
 from diffgrm_dist.stress.report import growth_fits
 
 VENV_BIN = Path(sys.executable).parent
@@ -25,15 +25,17 @@ TINY = {
     "name": "tiny", "users": 8, "history": 8, "train_steps": 2,
     "limits": {"timeout_s": 180, "memory_gib": 4},
     "sweeps": [
-        {"name": "beam", "kind": "decode", "decode": {"items": 2000, "d_model": 32, "decoder_layers": 1,
-                                                       "users_per_batch": 4},
-         "vary": {"beam": [4, 16], "decoder": ["diffusion", "autoregressive"]}},
-        {"name": "starved", "kind": "decode", "memory_gib": 0.05, "decode": {"items": 2000, "d_model": 32}},
-        {"name": "slow", "kind": "decode", "timeout_s": 0.5, "decode": {"items": 2000, "d_model": 32}},
-        {"name": "zero", "kind": "train", "train": {"d_model": 32, "decoder_layers": 1, "batch_size": 8},
-         "vary": {"zero_stage": [0, 3]}},
-        {"name": "largest", "kind": "largest", "memory_gib": 1.5, "train": {"d_model": 512, "batch_size": 4},
-         "search": "decoder_layers", "search_start": 2, "search_max": 1024, "search_step": 2},
+        {"name": "beam", "kind": "decode", "decode": {"items": 2000, "model": {"d_model": 32, "decoder_layers": 1},
+                                                       "eval": {"batch_size": 4}},
+         "vary": {"eval.beam_size": [4, 16], "model.decoder": ["diffusion", "autoregressive"]}},
+        {"name": "starved", "kind": "decode", "memory_gib": 0.05, "decode": {"items": 2000, "model": {"d_model": 32}}},
+        {"name": "slow", "kind": "decode", "timeout_s": 0.5, "decode": {"items": 2000, "model": {"d_model": 32}}},
+        {"name": "zero", "kind": "train",
+         "train": {"model": {"d_model": 32, "decoder_layers": 1}, "train": {"batch_size": 8}},
+         "vary": {"train.zero_stage": [0, 3]}},
+        {"name": "largest", "kind": "largest", "memory_gib": 1.5,
+         "train": {"model": {"d_model": 512}, "train": {"batch_size": 4}},
+         "search": "model.decoder_layers", "search_start": 2, "search_max": 1024, "search_step": 2},
     ],
 }
 
@@ -53,7 +55,7 @@ def test_stress_grid_measures_records_limits_and_fits_growth(tmp_path, run_cli):
     by_sweep = {name: rows for name, rows in table.groupby("sweep")}
     beam = by_sweep["beam"]
     assert len(beam) == 4 and (beam["status"] == "ok").all() and (beam["users_per_s"] > 0).all()
-    assert (beam["distinct_codes_per_user"] <= beam["beam"]).all() and (beam["distinct_codes_per_user"] >= 1).all()
+    assert (beam["distinct_codes_per_user"] <= beam["eval.beam_size"]).all() and (beam["distinct_codes_per_user"] >= 1).all()
     # Over a limit: killed, recorded with the limit it hit, and the sweep went on.
     starved, slow = by_sweep["starved"].iloc[0], by_sweep["slow"].iloc[0]
     assert starved["status"] == "oom" and "memory_gib=0.05" in starved["limit"]
@@ -66,17 +68,18 @@ def test_stress_grid_measures_records_limits_and_fits_growth(tmp_path, run_cli):
     largest = by_sweep["largest"]
     fits, fails = largest[largest["status"] == "ok"], largest[largest["status"] == "oom"]
     assert len(fits) >= 2 and len(fails) >= 1 and len(largest) == len(fits) + len(fails)
-    assert 0 < fails["decoder_layers"].min() - fits["decoder_layers"].max() <= 2
+    assert 0 < fails["model.decoder_layers"].min() - fits["model.decoder_layers"].max() <= 2
+    assert (largest["model.heads"] == 8).all() and (largest["model.ffn"] == 2048).all()  # derived from d_model 512
     assert table["node_id"].str.len().gt(0).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stats"]["points"] == len(table) and manifest["stats"]["oom"] >= 2
-    beam_fits = [f for f in manifest["fits"] if f["sweep"] == "beam" and f["axis"] == "beam"]
-    assert {f["group"]["decoder"] for f in beam_fits} == {"diffusion", "autoregressive"}
+    beam_fits = [f for f in manifest["fits"] if f["sweep"] == "beam" and f["axis"] == "eval.beam_size"]
+    assert {f["group"]["model.decoder"] for f in beam_fits} == {"diffusion", "autoregressive"}
     # The fitted exponent is the log-log slope of the measured CPU seconds per user (its sign
     # on a 2-point tiny grid is timing noise, so the test checks the fit, not the machine).
     for fit in beam_fits:
-        points = beam[beam["decoder"] == fit["group"]["decoder"]].sort_values("beam")
-        slope = np.polyfit(np.log(points["beam"]), np.log(points["cpu_s"] / points["timed_users"]), 1)[0]
+        points = beam[beam["model.decoder"] == fit["group"]["model.decoder"]].sort_values("eval.beam_size")
+        slope = np.polyfit(np.log(points["eval.beam_size"]), np.log(points["cpu_s"] / points["timed_users"]), 1)[0]
         assert fit["points"] == 2 and fit["exponent"] == pytest.approx(slope, abs=1e-3)
     report = (out / "report.md").read_text()
     assert "## Growth exponents" in report and "## Largest model" in report and "oom (memory_gib=0.05" in report
@@ -88,11 +91,12 @@ def test_growth_fits_recover_known_exponents_per_group(tmp_path):
     """Cost per user built as c * beam^k for each decoder: the fit returns k for each group,
     with the paper's theory next to it; failed points are left out of the fit."""
     cfg = load_stress_config(write_grid(tmp_path, TINY))
-    rows = [{"sweep": "beam", "kind": "decode", "status": "ok", "device": "cpu", "decoder": decoder,
-             "beam": beam, "timed_users": 8, "seconds": 1.0, "cpu_s": 8 * 0.01 * beam ** exponent}
+    rows = [{"sweep": "beam", "kind": "decode", "status": "ok", "device": "cpu", "method": decoder,
+             "model.decoder": decoder, "eval.beam_size": beam, "timed_users": 8, "seconds": 1.0,
+             "cpu_s": 8 * 0.01 * beam ** exponent}
             for decoder, exponent in (("diffusion", 1.5), ("autoregressive", 0.5)) for beam in (4, 16, 64)]
-    rows.append({**rows[0], "beam": 256, "status": "oom", "cpu_s": 1e9})
-    fits = {f["group"]["decoder"]: f for f in growth_fits(cfg, pd.DataFrame(rows))}
+    rows.append({**rows[0], "eval.beam_size": 256, "status": "oom", "cpu_s": 1e9})
+    fits = {f["group"]["model.decoder"]: f for f in growth_fits(cfg, pd.DataFrame(rows))}
     assert fits["diffusion"]["exponent"] == pytest.approx(1.5) and fits["diffusion"]["points"] == 3
     assert fits["autoregressive"]["exponent"] == pytest.approx(0.5)
     assert fits["diffusion"]["theory"] == 1.0 and fits["diffusion"]["range"] == [4, 64]
@@ -102,17 +106,42 @@ def test_stress_config_errors_name_the_sweep_and_field(tmp_path):
     bad_axis = {**TINY, "sweeps": [{"name": "b", "kind": "decode", "vary": {"beams": [4]}}]}
     with pytest.raises(ConfigError, match=r"sweeps.b.vary: 'beams' is not an axis"):
         load_stress_config(write_grid(tmp_path, bad_axis))
-    offload = {**TINY, "sweeps": [{"name": "o", "kind": "train", "train": {"offload": True, "zero_stage": 0}}]}
-    with pytest.raises(ConfigError, match="sweeps.o: offload needs zero_stage 1-3"):
+    offload = {**TINY, "sweeps": [{"name": "o", "kind": "train",
+                                   "train": {"train": {"offload_optimizer": True, "zero_stage": 0}}}]}
+    with pytest.raises(ConfigError, match="sweeps.o: train.offload_optimizer needs train.zero_stage 1-3"):
         load_stress_config(write_grid(tmp_path, offload))
-    buckets = {**TINY, "sweeps": [{"name": "z", "kind": "train", "train": {"zero_bucket_elements": 3}}]}
-    with pytest.raises(ConfigError, match="sweeps.z.zero_bucket_elements: must be 0 or a positive even"):
+    buckets = {**TINY, "sweeps": [{"name": "z", "kind": "train", "train": {"train": {"zero_bucket_elements": 3}}}]}
+    with pytest.raises(ConfigError, match="sweeps.z.train.zero_bucket_elements: must be 0 or a positive even"):
         load_stress_config(write_grid(tmp_path, buckets))
-    decoder = {**TINY, "sweeps": [{"name": "d", "kind": "decode", "vary": {"decoder": ["dense"]}}]}
-    with pytest.raises(ConfigError, match="sweeps.d.decoder: 'dense'"):
+    decoder = {**TINY, "sweeps": [{"name": "d", "kind": "decode", "vary": {"model.decoder": ["dense"]}}]}
+    with pytest.raises(ConfigError, match="sweeps.d.model.decoder: 'dense'"):
         load_stress_config(write_grid(tmp_path, decoder))
     with pytest.raises(ConfigError, match="distinct name"):
         load_stress_config(write_grid(tmp_path, {**TINY, "sweeps": [TINY["sweeps"][0]] * 2}))
+
+
+def test_points_nest_the_experiment_sections_with_stress_defaults(tmp_path):
+    """A point's model / eval / train are the experiment's own sections: a grid sets a few
+    keys, the rest keep the point's defaults (not the experiment's), heads and FFN follow
+    d_model, and kv_cache multiplies only the autoregressive points."""
+    from diffgrm_dist.core.config import ModelConfig
+    from diffgrm_dist.model.network import DiffGRM, SidSpec
+
+    grid = {**TINY, "sweeps": [{"name": "n", "kind": "decode", "decode": {"model": {"d_model": 256}},
+                                "vary": {"model.decoder": ["diffusion", "autoregressive"],
+                                         "kv_cache": ["true", "false"], "eval.beam_size": [8]}}]}
+    sweep = load_stress_config(write_grid(tmp_path, grid)).sweeps[0]
+    points = [resolved(p) for p in expand(sweep)]
+    assert [method(p) for p in points] == ["diffusion", "autoregressive", "autoregressive_nocache"]
+    model = points[0].model
+    assert isinstance(model, ModelConfig) and (model.decoder_layers, model.heads, model.ffn) == (2, 4, 1024)
+    assert points[0].eval.beam_size == 8 and points[0].eval.fill_digits == 1
+    flat = flatten(points[1])
+    assert flat["model.d_model"] == 256 and flat["eval.beam_size"] == 8 and flat["kv_cache"] is True
+    net = DiffGRM(model, SidSpec((256,) * 4, 8))  # the point's section builds the experiment's model
+    assert net.num_parameters() == DiffGRM(ModelConfig(d_model=256, heads=4, ffn=1024, encoder_layers=1,
+                                                       decoder_layers=2, dropout=0.0),
+                                           SidSpec((256,) * 4, 8)).num_parameters()
 
 
 @pytest.mark.parametrize("path", [CONFIGS / "stress.yaml", *sorted((CONFIGS / "stress").glob("*.yaml"))],
@@ -120,7 +149,7 @@ def test_stress_config_errors_name_the_sweep_and_field(tmp_path):
 def test_shipped_stress_grids_load(path):
     cfg = load_stress_config(path)
     points = [p for sweep in cfg.sweeps for p in expand(sweep)]
-    assert points and all(p.d_model > 0 for p in points)
+    assert points and all(resolved(p).model.d_model % resolved(p).model.heads == 0 for p in points)
 
 
 @pytest.mark.slow
@@ -128,7 +157,7 @@ def test_a_point_that_rays_memory_monitor_kills_is_recorded_and_the_sweep_goes_o
     """Near a node's size Ray's own memory monitor, not the point's limit, kills the task;
     the sweep must record that point and finish. A threshold below what the node already
     uses makes the monitor kill every task it sees."""
-    grid = {**TINY, "sweeps": [{"name": "killed", "kind": "decode", "decode": {"items": 2000, "d_model": 32}}]}
+    grid = {**TINY, "sweeps": [{"name": "killed", "kind": "decode", "decode": {"items": 2000, "model": {"d_model": 32}}}]}
     out = tmp_path / "out"
     env = {**os.environ, "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
     env.pop("RAY_ADDRESS", None)
@@ -155,8 +184,9 @@ def test_stress_grid_spreads_over_both_nodes_of_a_local_cluster(tmp_path):
                              timeout=180)
     grid = {"name": "spread", "users": 4, "history": 4, "limits": {"timeout_s": 180, "memory_gib": 4},
             "sweeps": [{"name": "beam", "kind": "decode",
-                        "decode": {"items": 1000, "d_model": 32, "decoder_layers": 1, "users_per_batch": 4},
-                        "vary": {"beam": [2, 4, 8, 16, 32, 64]}}]}
+                        "decode": {"items": 1000, "model": {"d_model": 32, "decoder_layers": 1},
+                                   "eval": {"batch_size": 4}},
+                        "vary": {"eval.beam_size": [2, 4, 8, 16, 32, 64]}}]}
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         run = subprocess.run([str(VENV_BIN / "diffgrm"), "stress", "-c", str(write_grid(tmp_path, grid)),

@@ -372,23 +372,27 @@ def _resolve_paths(cfg: ExperimentConfig, root: Path) -> None:
         cfg.data.path = str((root / cfg.data.path).resolve())
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str, origin: str) -> Any:
+def _build(cls: type, raw: dict[str, Any], prefix: str, origin: str, obj: Any = None) -> Any:
+    """``raw`` laid over ``obj`` (default: ``cls()``); a nested section is laid over the
+    default its parent's field gives it, so a section a parent sizes differently (a stress
+    point's model) keeps the parent's defaults for the keys ``raw`` leaves out."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    obj = cls()
+    obj = cls() if obj is None else obj
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"{origin}: unknown key {full!r} (known: {', '.join(sorted(names))})")
-        setattr(obj, key, _coerce(hints[key], value, full, origin))
+        current = getattr(obj, key)
+        setattr(obj, key, _coerce(hints[key], value, full, origin, current if dataclasses.is_dataclass(current) else None))
     return obj
 
 
-def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{origin}: {key!r} must be a mapping")
-        return _build(tp, value, prefix=f"{key}.", origin=origin)
+        return _build(tp, value, prefix=f"{key}.", origin=origin, obj=default)
     origin_tp = typing.get_origin(tp)
     if origin_tp in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

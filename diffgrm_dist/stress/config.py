@@ -5,48 +5,56 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from diffgrm_dist.core.config import apply_override, load_typed
+from diffgrm_dist.core.config import EvalConfig, ModelConfig, TrainConfig, apply_override, load_typed
 from diffgrm_dist.core.errors import ConfigError
 
 KINDS = ("decode", "train", "largest")
-DECODERS = ("diffusion", "autoregressive", "autoregressive_nocache")
-DTYPES = ("float32", "bfloat16")
+DECODERS = ("diffusion", "autoregressive")
+
+
+def _stress_model() -> ModelConfig:
+    """A point's model: heads and FFN 0 are derived from d_model (heads of about 64 dims, FFN
+    4 x d_model, see ``resolved``), so a d_model sweep stays a sensible model; no dropout."""
+    return ModelConfig(d_model=128, heads=0, ffn=0, encoder_layers=1, decoder_layers=2, dropout=0.0)
+
+
+@dataclass
+class SidShape:
+    """The random codes a point decodes or trains on: ``digits`` digits of ``codebook_size`` values."""
+
+    digits: int = 4
+    codebook_size: int = 256
 
 
 @dataclass
 class DecodePoint:
-    """One decoding measurement: a random model over a random catalogue."""
+    """One decoding measurement: a random model over a random catalogue. ``model`` and
+    ``eval`` are the experiment's own sections (``eval.beam_size``, ``eval.fill_digits``,
+    ``eval.batch_size`` = users per batch, ``eval.autocast_bf16``)."""
 
-    decoder: str = "diffusion"  # diffusion (CPD) | autoregressive (KV cache) | autoregressive_nocache
-    digits: int = 4
-    codebook_size: int = 256
-    beam: int = 32
-    items: int = 100_000
-    users_per_batch: int = 16
-    d_model: int = 128
-    decoder_layers: int = 2
-    fill_digits: int = 1  # CPD digits per decoder pass
-    dtype: str = "float32"
+    model: ModelConfig = field(default_factory=_stress_model)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(beam_size=32, batch_size=16))
+    sids: SidShape = field(default_factory=SidShape)
+    items: int = 100_000  # catalogue size
+    kv_cache: bool = True  # autoregressive: keys/values of decoded digits kept (false: prefix recomputed)
 
 
 @dataclass
 class TrainPoint:
-    """One training measurement: DeepSpeed steps of the OCN objective on random windows."""
+    """One training measurement: DeepSpeed steps of the OCN objective on random windows.
+    ``train`` is the experiment's own section (``batch_size`` is global, split over the
+    ranks; ``zero_stage``, ``offload_optimizer``, ``zero_bucket_elements``, ``bf16``)."""
 
-    decoder: str = "diffusion"  # diffusion | autoregressive
-    digits: int = 4
-    codebook_size: int = 256
-    d_model: int = 128
-    decoder_layers: int = 2
-    batch_size: int = 64  # global, split over the ranks
-    zero_stage: int = 0
+    model: ModelConfig = field(default_factory=_stress_model)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, zero_stage=0, warmup_steps=1,
+                                                                   lr=1e-3))
+    sids: SidShape = field(default_factory=SidShape)
     world_size: int = 1
-    offload: bool = False  # ZeRO-Offload of the optimizer state (stages 1-3)
-    zero_bucket_elements: int = 0  # train.zero_bucket_elements (0: DeepSpeed's buckets)
-    dtype: str = "float32"
 
 
 @dataclass
@@ -58,7 +66,7 @@ class SweepConfig:
     vary: dict[str, list[str]] = field(default_factory=dict)  # axis -> values (cartesian product)
     decode: DecodePoint = field(default_factory=DecodePoint)
     train: TrainPoint = field(default_factory=TrainPoint)
-    search: str = "decoder_layers"  # largest: the size axis grown until the memory limit
+    search: str = "model.decoder_layers"  # largest: the size axis grown until the memory limit
     search_start: int = 1
     search_max: int = 1024
     search_step: int = 1  # bisection stops when the last fit and the first failure are this close
@@ -96,18 +104,17 @@ class StressConfig:
         for sweep in self.sweeps:
             if sweep.kind not in KINDS:
                 raise ConfigError(f"sweeps.{sweep.name}.kind: {sweep.kind!r} is not one of {KINDS}")
-            base = sweep.decode if sweep.kind == "decode" else sweep.train
-            axes = {f.name for f in dataclasses.fields(base)}
+            axes = set(flatten(base_point(sweep)))
             for axis, values in sweep.vary.items():
                 if axis not in axes:
                     raise ConfigError(f"sweeps.{sweep.name}.vary: {axis!r} is not an axis of a "
                                       f"{sweep.kind} point (axes: {', '.join(sorted(axes))})")
                 if not values:
                     raise ConfigError(f"sweeps.{sweep.name}.vary.{axis}: no values")
-            if sweep.kind == "largest" and sweep.search not in ("decoder_layers", "d_model"):
-                raise ConfigError(f"sweeps.{sweep.name}.search: {sweep.search!r} is not decoder_layers or d_model")
+            if sweep.kind == "largest" and sweep.search not in SEARCH_AXES:
+                raise ConfigError(f"sweeps.{sweep.name}.search: {sweep.search!r} is not one of {SEARCH_AXES}")
             for point in expand(sweep):
-                check_point(point, f"sweeps.{sweep.name}")
+                check_point(resolved(point), f"sweeps.{sweep.name}")
 
 
 def load_stress_config(path: str | Path, overrides: list[str] | None = None) -> StressConfig:
@@ -118,36 +125,89 @@ def load_stress_config(path: str | Path, overrides: list[str] | None = None) -> 
     return cfg
 
 
+SEARCH_AXES = ("model.decoder_layers", "model.d_model")
+
+
+def base_point(sweep: SweepConfig) -> DecodePoint | TrainPoint:
+    return sweep.decode if sweep.kind == "decode" else sweep.train
+
+
+def flatten(point: Any, prefix: str = "") -> dict[str, Any]:
+    """A point as ``section.key -> value`` (the axis names of ``vary`` and the columns of
+    ``stress.parquet``)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(point):
+        value = getattr(point, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def with_value(point: DecodePoint | TrainPoint, axis: str, value: Any) -> DecodePoint | TrainPoint:
+    """A copy of ``point`` with one axis set (value as YAML text or a number, typed by the field)."""
+    copy = deepcopy(point)
+    apply_override(copy, f"{axis}={value}")
+    return copy
+
+
+def resolved(point: DecodePoint | TrainPoint) -> DecodePoint | TrainPoint:
+    """The point as it runs: heads and FFN of 0 derived from its d_model; ``kv_cache`` only
+    means something to the autoregressive decoder (true for the others)."""
+    model = point.model
+    model = dataclasses.replace(model, heads=model.heads or heads_for(model.d_model), ffn=model.ffn or 4 * model.d_model)
+    if isinstance(point, DecodePoint) and model.decoder != "autoregressive":
+        return dataclasses.replace(point, model=model, kv_cache=True)
+    return dataclasses.replace(point, model=model)
+
+
+def method(point: DecodePoint | TrainPoint) -> str:
+    """What decodes or trains: diffusion (CPD) | autoregressive (KV cache) | autoregressive_nocache."""
+    if point.model.decoder == "autoregressive" and isinstance(point, DecodePoint) and not point.kv_cache:
+        return "autoregressive_nocache"
+    return point.model.decoder
+
+
 def expand(sweep: SweepConfig) -> list[DecodePoint | TrainPoint]:
     """The sweep's points: its base point with every combination of the varied values
-    (values are YAML text, typed by the point's field)."""
-    base = sweep.decode if sweep.kind == "decode" else sweep.train
+    (values are YAML text, typed by the point's field), each once as it runs (``resolved``:
+    ``kv_cache: ["true", "false"]`` beside ``model.decoder: [diffusion, autoregressive]`` is one
+    diffusion point and two autoregressive ones)."""
     axes = list(sweep.vary)
-    points = []
+    points, seen = [], []
     for values in itertools.product(*(sweep.vary[a] for a in axes)):
-        point = dataclasses.replace(base)
+        point = base_point(sweep)
         for axis, value in zip(axes, values):
-            apply_override(point, f"{axis}={value}")
-        points.append(point)
+            point = with_value(point, axis, value)
+        if resolved(point) not in seen:
+            seen.append(resolved(point))
+            points.append(point)
     return points
 
 
 def check_point(point: DecodePoint | TrainPoint, where: str) -> None:
-    if point.decoder not in DECODERS or (isinstance(point, TrainPoint) and point.decoder == "autoregressive_nocache"):
-        raise ConfigError(f"{where}.decoder: {point.decoder!r} is not one of {DECODERS}")
-    if point.dtype not in DTYPES:
-        raise ConfigError(f"{where}.dtype: {point.dtype!r} is not one of {DTYPES}")
-    if point.d_model < 1 or point.decoder_layers < 1 or point.digits < 1 or point.codebook_size < 2:
-        raise ConfigError(f"{where}: sizes must be positive (d_model, decoder_layers, digits, codebook_size >= 2)")
+    model, sids = point.model, point.sids
+    if model.decoder not in DECODERS:
+        raise ConfigError(f"{where}.model.decoder: {model.decoder!r} is not one of {DECODERS}")
+    if model.d_model < 1 or model.decoder_layers < 1 or sids.digits < 1 or sids.codebook_size < 2:
+        raise ConfigError(f"{where}: sizes must be positive (model.d_model, model.decoder_layers, sids.digits; "
+                          "sids.codebook_size >= 2)")
+    if model.d_model % model.heads:
+        raise ConfigError(f"{where}.model.heads: {model.heads} does not divide model.d_model {model.d_model}")
     if isinstance(point, TrainPoint):
-        if point.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{where}.zero_stage: {point.zero_stage} is not 0-3")
-        if point.offload and point.zero_stage == 0:
-            raise ConfigError(f"{where}: offload needs zero_stage 1-3")
-        if point.zero_bucket_elements < 0 or point.zero_bucket_elements % 2:
-            raise ConfigError(f"{where}.zero_bucket_elements: must be 0 or a positive even number")
-        if point.batch_size % point.world_size:
-            raise ConfigError(f"{where}.batch_size: {point.batch_size} does not split over {point.world_size} ranks")
+        train = point.train
+        if train.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{where}.train.zero_stage: {train.zero_stage} is not 0-3")
+        if train.offload_optimizer and train.zero_stage == 0:
+            raise ConfigError(f"{where}: train.offload_optimizer needs train.zero_stage 1-3")
+        if train.zero_bucket_elements < 0 or train.zero_bucket_elements % 2:
+            raise ConfigError(f"{where}.train.zero_bucket_elements: must be 0 or a positive even number")
+        if point.world_size < 1 or train.batch_size % point.world_size:
+            raise ConfigError(f"{where}.train.batch_size: {train.batch_size} does not split over "
+                              f"{point.world_size} ranks")
+    elif point.eval.beam_size < 1 or point.eval.fill_digits < 1 or point.eval.batch_size < 1 or point.items < 1:
+        raise ConfigError(f"{where}: eval.beam_size, eval.fill_digits, eval.batch_size and items must be positive")
 
 
 def heads_for(d_model: int) -> int:

@@ -38,7 +38,17 @@ from typing import Any
 
 from diffgrm_dist.core.config import section_hash
 from diffgrm_dist.core.errors import ConfigError
-from diffgrm_dist.stress.config import DecodePoint, StressConfig, SweepConfig, TrainPoint, expand
+from diffgrm_dist.stress.config import (
+    DecodePoint,
+    StressConfig,
+    SweepConfig,
+    TrainPoint,
+    expand,
+    flatten,
+    method,
+    resolved,
+    with_value,
+)
 from diffgrm_dist.stress.point import point_task
 from diffgrm_dist.stress.report import growth_fits, node_ids, report, write_plots
 
@@ -93,17 +103,19 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
         pending: dict[Any, tuple[SweepConfig, dict[str, Any], _Search | None]] = {}
 
         def submit(sweep: SweepConfig, point: DecodePoint | TrainPoint, search: _Search | None = None) -> None:
+            point = resolved(point)
             kind = "decode" if isinstance(point, DecodePoint) else "train"
             ranks = point.world_size if kind == "train" else 1
             options = ({"num_gpus": ranks, "num_cpus": ranks} if use_gpu
                        else {"num_cpus": ranks * cfg.limits.cpus_per_rank})
             check_resources(resources, 1, options["num_cpus"], options.get("num_gpus", 0),
-                            f"stress point {sweep.name} {dataclasses.asdict(point)}")
+                            f"stress point {sweep.name} {_varied(sweep, point)}")
             spec = {"kind": kind, "point": dataclasses.asdict(point), "users": cfg.users, "history": cfg.history,
                     "steps": cfg.train_steps, "seed": cfg.seed, "threads": 0 if use_gpu else cfg.limits.cpus_per_rank}
             ref = remote.options(**options).remote(spec, sweep.timeout_s or cfg.limits.timeout_s,
                                                    sweep.memory_gib or cfg.limits.memory_gib)
-            pending[ref] = (sweep, {"sweep": sweep.name, "kind": sweep.kind, **dataclasses.asdict(point),
+            pending[ref] = (sweep, {"sweep": sweep.name, "kind": sweep.kind, "method": method(point),
+                                    "varied": json.dumps(_varied(sweep, point)), **flatten(point),
                                     "resources": json.dumps(options)}, search)
 
         for sweep in cfg.sweeps:
@@ -111,7 +123,7 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
                 if sweep.kind == "largest":
                     search = _Search(point, sweep.search, sweep.search_start, sweep.search_max,
                                      max(1, sweep.search_step))
-                    submit(sweep, dataclasses.replace(point, **{sweep.search: search.value}), search)
+                    submit(sweep, with_value(point, sweep.search, search.value), search)
                 else:
                     submit(sweep, point)
         while pending:
@@ -124,14 +136,15 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
                 search.record(row[search.axis], row["status"] == "ok")
                 value = search.next_value()
                 if value is not None:
-                    submit(sweep, dataclasses.replace(search.point, **{search.axis: value}), search)
+                    submit(sweep, with_value(search.point, search.axis, value), search)
     table = pd.DataFrame(rows)
     if "timed_users" in table:
         table["cpu_ms_per_user"] = 1000 * table["cpu_s"] / table["timed_users"]
     if "timed_samples" in table:
         table["cpu_ms_per_sample"] = 1000 * table["cpu_s"] / table["timed_samples"]
-    order = ("decoder", "digits", "beam", "items", "d_model", "decoder_layers", "zero_stage", "world_size",
-             "offload", "zero_bucket_elements", "fill_digits", "dtype")
+    order = ("method", "sids.digits", "eval.beam_size", "items", "model.d_model", "model.decoder_layers",
+             "train.zero_stage", "world_size", "train.offload_optimizer", "train.zero_bucket_elements",
+             "eval.fill_digits", "eval.autocast_bf16", "train.bf16")
     table = table.sort_values(["sweep", *[c for c in order if c in table]], kind="stable").reset_index(drop=True)
     stats = publish(cfg, table, out, time.perf_counter() - start)
     return stats
@@ -160,10 +173,15 @@ def _result(ref) -> dict[str, Any]:
                 "wall_s": math.nan, "peak_mem_mib": math.nan}
 
 
+def _varied(sweep: SweepConfig, point: DecodePoint | TrainPoint) -> dict[str, Any]:
+    """The point's values of the axes its sweep varies (and searches)."""
+    flat = flatten(point)
+    names = [*sweep.vary, *([sweep.search] if sweep.kind == "largest" else [])]
+    return {name: flat[name] for name in names}
+
+
 def _log_row(row: dict[str, Any]) -> None:
-    names = ("decoder", "digits", "beam", "items", "d_model", "decoder_layers", "fill_digits", "zero_stage",
-             "world_size", "offload", "zero_bucket_elements", "dtype")
-    axes = {k: row[k] for k in names if k in row}
+    axes = json.loads(row["varied"])
     what = (f"{row['users_per_s']:.1f} users/s" if "users_per_s" in row and row["status"] == "ok" else
             f"{row['samples_per_s']:.1f} samples/s" if "samples_per_s" in row and row["status"] == "ok" else
             f"{row['status']}: {row['limit']}")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from diffgrm_dist.core.timing import no_sync, time_calls
-from diffgrm_dist.stress.config import DecodePoint, TrainPoint, heads_for
+from diffgrm_dist.stress.config import DecodePoint, TrainPoint, method
 
 # --------------------------------------------------------------------------- a point, in its child
 
@@ -30,13 +30,10 @@ def _peak_rss_mib() -> float:
 
 
 def _model(point: DecodePoint | TrainPoint, history: int):
-    from diffgrm_dist.core.config import ModelConfig
     from diffgrm_dist.model.network import DiffGRM, SidSpec
 
-    decoder = "autoregressive" if point.decoder.startswith("autoregressive") else "diffusion"
-    cfg = ModelConfig(decoder=decoder, d_model=point.d_model, heads=heads_for(point.d_model),
-                      ffn=4 * point.d_model, encoder_layers=1, decoder_layers=point.decoder_layers, dropout=0.0)
-    return cfg, DiffGRM(cfg, SidSpec((point.codebook_size,) * point.digits, history))
+    sids = point.sids
+    return DiffGRM(point.model, SidSpec((sids.codebook_size,) * sids.digits, history))
 
 
 def measure_decode(point: DecodePoint, users: int, history: int, seed: int, threads: int) -> dict[str, Any]:
@@ -52,38 +49,38 @@ def measure_decode(point: DecodePoint, users: int, history: int, seed: int, thre
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    codes = rng.integers(0, point.codebook_size, (point.items, point.digits), dtype=np.int64)
+    digits, codebook, ev = point.sids.digits, point.sids.codebook_size, point.eval
+    per_batch, decoder = ev.batch_size, method(point)
+    codes = rng.integers(0, codebook, (point.items, digits), dtype=np.int64)
     start = time.perf_counter()
-    catalogue = build_catalogue(codes, (point.codebook_size,) * point.digits)
+    catalogue = build_catalogue(codes, (codebook,) * digits)
     index_s = time.perf_counter() - start
-    _, model = _model(point, history)
-    model = model.eval().to(device)
-    histories = torch.from_numpy(codes[rng.integers(0, point.items, (users + point.users_per_batch, history))])
+    model = _model(point, history).eval().to(device)
+    histories = torch.from_numpy(codes[rng.integers(0, point.items, (users + per_batch, history))])
     mask = torch.ones(histories.shape[:2], dtype=torch.bool)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=point.dtype == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=ev.autocast_bf16)
 
     def batch(lo: int, hi: int) -> float:
         with torch.no_grad(), autocast:
             memory = model.encode(histories[lo:hi].to(device), mask[lo:hi].to(device))
-            if point.decoder == "diffusion":
-                beams = cpd(model, memory, catalogue, point.beam, fill_digits=point.fill_digits)
+            if decoder == "diffusion":
+                beams = cpd(model, memory, catalogue, ev.beam_size, final_step=ev.final_step,
+                            fill_digits=ev.fill_digits, prune=ev.cpd_prune, merge_states=ev.merge_states)
             else:
-                beams = ar_beam_search(model, memory, catalogue, point.beam,
-                                       kv_cache=point.decoder == "autoregressive")
-        groups, _ = distinct_sids(beams, point.beam)
+                beams = ar_beam_search(model, memory, catalogue, ev.beam_size, kv_cache=point.kv_cache)
+        groups, _ = distinct_sids(beams, ev.beam_size)
         return float((groups >= 0).sum(1).mean())
 
     sync = torch.cuda.synchronize if device == "cuda" else no_sync
-    calls = [lambda: batch(users, users + point.users_per_batch)]  # warm-up, on users not timed
+    calls = [lambda: batch(users, users + per_batch)]  # warm-up, on users not timed
     if device == "cuda":
         calls.append(torch.cuda.reset_peak_memory_stats)
     warmup = len(calls)
-    calls += [lambda lo=lo: batch(lo, min(lo + point.users_per_batch, users))
-              for lo in range(0, users, point.users_per_batch)]
+    calls += [lambda lo=lo: batch(lo, min(lo + per_batch, users)) for lo in range(0, users, per_batch)]
     timed = time_calls(calls, warmup, sync)
     seconds, cpu_s, distinct = timed.seconds, timed.cpu_seconds, timed.timed_results
-    passes = math.ceil(point.digits / point.fill_digits) if point.decoder == "diffusion" else point.digits
-    batches = math.ceil(users / point.users_per_batch)
+    passes = math.ceil(digits / ev.fill_digits) if decoder == "diffusion" else digits
+    batches = math.ceil(users / per_batch)
     return {"users_per_s": users / seconds, "seconds": seconds, "cpu_s": cpu_s, "timed_users": users,
             "decoder_passes": passes,
             "pass_latency_ms": 1000 * seconds / (batches * passes),
@@ -113,7 +110,7 @@ def _train_rank(rank: int, point: TrainPoint, steps: int, history: int, seed: in
     import torch
     import torch.distributed as dist
 
-    from diffgrm_dist.core.config import ExperimentConfig, TrainConfig
+    from diffgrm_dist.core.config import ExperimentConfig
     from diffgrm_dist.model.network import SidSpec
     from diffgrm_dist.train.engine import build_engine, use_device
 
@@ -132,20 +129,18 @@ def _train_rank(rank: int, point: TrainPoint, steps: int, history: int, seed: in
         torch.cuda.set_device(rank)
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False,
                                init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=point.world_size)
-    model_cfg, _ = _model(point, 1)  # sizes only; build_engine makes the model
-    cfg = ExperimentConfig(seed=seed, model=model_cfg, train=TrainConfig(
-        batch_size=point.batch_size, zero_stage=point.zero_stage, offload_optimizer=point.offload,
-        zero_bucket_elements=point.zero_bucket_elements,
-        bf16=point.dtype == "bfloat16", warmup_steps=1, lr=1e-3))
-    spec = SidSpec((point.codebook_size,) * point.digits, history)
+    cfg = ExperimentConfig(seed=seed, model=point.model, train=point.train)
+    codebook, digits = point.sids.codebook_size, point.sids.digits
+    spec = SidSpec((codebook,) * digits, history)
     torch.manual_seed(seed)
     engine, model, _ = build_engine(cfg, spec, point.world_size, steps + 1)
     device = torch.device("cuda", rank) if gpu else torch.device("cpu")
-    micro = point.batch_size // point.world_size
+    batch = point.train.batch_size
+    micro = batch // point.world_size
     g = torch.Generator().manual_seed(seed + rank)
-    history_codes = torch.randint(0, point.codebook_size, (micro, history, point.digits), generator=g).to(device)
+    history_codes = torch.randint(0, codebook, (micro, history, digits), generator=g).to(device)
     mask = torch.ones(micro, history, dtype=torch.bool, device=device)
-    targets = torch.randint(0, point.codebook_size, (micro, point.digits), generator=g).to(device)
+    targets = torch.randint(0, codebook, (micro, digits), generator=g).to(device)
 
     def step() -> float:
         loss = engine(history_codes, mask, targets)
@@ -161,8 +156,7 @@ def _train_rank(rank: int, point: TrainPoint, steps: int, history: int, seed: in
     dist.all_reduce(cpu_all)  # CPU seconds of all ranks
     if rank == 0:
         Path(result).write_text(json.dumps({
-            "samples_per_s": point.batch_size * steps / seconds, "seconds": seconds,
-            "timed_samples": point.batch_size * steps,
+            "samples_per_s": batch * steps / seconds, "seconds": seconds, "timed_samples": batch * steps,
             "step_ms": 1000 * seconds / steps, "cpu_s": float(cpu_all.item()), "loss": losses[-1], "parameters": _numel(model),
             "decoder_parameters": _numel(model.decoder),
             "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else 0.0,
@@ -177,12 +171,16 @@ def _numel(module) -> int:
 
 def point_main(payload: str) -> None:
     """Child entry: ``python -m diffgrm_dist.stress.point --point JSON``; prints one JSON line."""
+    from diffgrm_dist.core.config import build_typed
+
     spec = json.loads(payload)
     kind, values = spec["kind"], spec["point"]
     if kind == "decode":
-        out = measure_decode(DecodePoint(**values), spec["users"], spec["history"], spec["seed"], spec["threads"])
+        point = build_typed(DecodePoint, values, "stress point")
+        out = measure_decode(point, spec["users"], spec["history"], spec["seed"], spec["threads"])
     else:
-        out = measure_train(TrainPoint(**values), spec["steps"], spec["history"], spec["seed"], spec["threads"])
+        point = build_typed(TrainPoint, values, "stress point")
+        out = measure_train(point, spec["steps"], spec["history"], spec["seed"], spec["threads"])
     out["child_peak_rss_mib"] = _peak_rss_mib()
     print("STRESS-RESULT " + json.dumps(out), flush=True)
 

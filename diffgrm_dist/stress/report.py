@@ -17,17 +17,18 @@ from diffgrm_dist.stress.config import StressConfig, SweepConfig
 # Theory of decoding cost per user along each axis (exponent of the axis), as the paper
 # states it (decoder work O(B * n^2 * d) for CPD, O(B * n * d) for AR with a KV cache);
 # the d exponent counts attention work, the MLPs' FLOPs grow with d^2.
-THEORY = {
-    "diffusion": {"beam": 1.0, "digits": 2.0, "d_model": 1.0, "items": 0.0, "decoder_layers": 1.0},
-    "autoregressive": {"beam": 1.0, "digits": 1.0, "d_model": 1.0, "items": 0.0, "decoder_layers": 1.0},
-    "autoregressive_nocache": {"beam": 1.0, "digits": 2.0, "d_model": 1.0, "items": 0.0, "decoder_layers": 1.0},
+THEORY = {  # per method (stress.config.method), per axis
+    method: {"eval.beam_size": 1.0, "sids.digits": digits, "model.d_model": 1.0, "items": 0.0,
+             "model.decoder_layers": 1.0}
+    for method, digits in (("diffusion", 2.0), ("autoregressive", 1.0), ("autoregressive_nocache", 2.0))
 }
 # Training cost per sample: FLOPs grow with d^2 and with layers; ranks split the samples
 # (ideal data parallelism: cost per sample of the whole job falls as 1/world, exponent 0 in
 # CPU seconds per sample, since every rank's CPU time is counted).
-TRAIN_THEORY = {"d_model": 2.0, "decoder_layers": 1.0, "digits": 1.0, "batch_size": 0.0, "world_size": 0.0}
-NUMERIC_AXES = ("beam", "digits", "items", "d_model", "decoder_layers", "users_per_batch", "codebook_size",
-                "batch_size", "world_size", "fill_digits")
+TRAIN_THEORY = {"model.d_model": 2.0, "model.decoder_layers": 1.0, "sids.digits": 1.0, "train.batch_size": 0.0,
+                "world_size": 0.0}
+NUMERIC_AXES = ("eval.beam_size", "sids.digits", "items", "model.d_model", "model.decoder_layers", "eval.batch_size",
+                "sids.codebook_size", "train.batch_size", "world_size", "eval.fill_digits")
 
 
 def _cost(row) -> float:
@@ -60,8 +61,7 @@ def growth_fits(cfg: StressConfig, table) -> list[dict[str, Any]]:
                 y = np.log([_cost(r) for _, r in group.iterrows()])
                 slope = float(np.polyfit(x, y, 1)[0])
                 key = key if isinstance(key, tuple) else (key,)
-                decoder = dict(zip(others, key)).get("decoder", group["decoder"].iloc[0])
-                theory = (THEORY.get(decoder, {}).get(axis) if sweep.kind == "decode"
+                theory = (THEORY.get(group["method"].iloc[0], {}).get(axis) if sweep.kind == "decode"
                           else TRAIN_THEORY.get(axis))
                 fits.append({"sweep": sweep.name, "axis": axis, "group": dict(zip(others, map(_plain, key))),
                              "exponent": round(slope, 3), "theory": theory, "points": int(len(group)),
