@@ -279,3 +279,54 @@ def test_tuned_rows_show_the_best_on_validation_and_pairs_get_a_paired_interval(
                                                  [results[n] for n in reproduce.AR_SEEDS])
     assert d == pytest.approx(0.006) and lo < d < hi and f"[{lo:+.4f}, {hi:+.4f}]" in versus
     assert any(line.startswith("*paired*") for line in lines)
+
+
+def test_what_the_table_says_reads_each_claim_off_its_interval(tmp_path):
+    """DiffGRM beats AR only where the Welch interval over the seeds excludes 0; an ablation
+    goes the paper's way only where its paired interval is below 0; the tuned dense row is
+    named with its setting next to the published SASRec figures; the section is in the README."""
+    from diffgrm_dist.evaluate.paired import sparse_ranks
+
+    rng = np.random.default_rng(1)
+    base = np.where(rng.random(4000) < 0.12, rng.integers(1, 11, 4000), 0)
+
+    def weaker(ranks, every):
+        out = ranks.copy()
+        out[np.nonzero(out)[0][::every]] = 0
+        return out
+
+    rows = {"diffgrm": (0.0300, base), "diffgrm_seed1": (0.0310, None), "diffgrm_seed2": (0.0305, None),
+            "ar": (0.0200, weaker(base, 2)), "ar_seed1": (0.0210, None), "ar_seed2": (0.0205, None),
+            "random_masking": (0.0250, weaker(base, 4)), "cpd_paper": (0.0300, base.copy())}
+    for variant, (n10, ranks) in rows.items():
+        result = _result("beauty", variant, n10)
+        if ranks is not None:
+            result["target_ranks"] = sparse_ranks(ranks)
+        _write(tmp_path, result)
+    for name, score in (("dense_do1_wd0", 0.2), ("dense_do5_wd1", 0.3)):
+        result = _result("beauty", name, 0.04)
+        result["train"]["best_score"] = score
+        _write(tmp_path, result)
+    results = reproduce.load_results(tmp_path)["beauty"]
+    said = {line.split("**")[1]: line for line in reproduce.findings("beauty", results)}
+    d, lo, hi, _, _ = reproduce.seeds_difference([results[n] for n in reproduce.SEEDS],
+                                                 [results[n] for n in reproduce.AR_SEEDS])
+    assert lo > 0 and "DiffGRM beats AR at this budget" in said["DiffGRM vs AR"]
+    assert f"difference {d:+.4f}, Welch 95% [{lo:+.4f}, {hi:+.4f}]" in said["DiffGRM vs AR"]
+    assert "seed 0: " in said["DiffGRM vs AR"] and "seed 1: " not in said["DiffGRM vs AR"]  # only seed 0 has ranks
+    masking = said["ablation: random masking instead of OCN"]
+    diff, lo, hi = reproduce.paired_difference(results["random_masking"], results["diffgrm"])
+    assert hi < 0 and f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]" in masking and "the paper's way, resolved" in masking
+    assert "-0.0117 SID N@10" in masking  # the paper: 0.0385 - 0.0502
+    assert "no difference resolved" in said[reproduce.DEPARTURES["cpd_paper"]]
+    dense = said["Dense baseline"]
+    assert "best of 2 settings" in dense and "dropout 0.5, weight decay 0.01" in dense and "0.0318" in dense
+
+    # Within the noise: AR's seeds spread over DiffGRM's, so neither wins.
+    for variant, n10 in (("ar", 0.0290), ("ar_seed1", 0.0330), ("ar_seed2", 0.0280)):
+        _write(tmp_path, {**results[variant], "metrics": _result("beauty", variant, n10)["metrics"]})
+    results = reproduce.load_results(tmp_path)["beauty"]
+    versus = next(line for line in reproduce.findings("beauty", results) if line.startswith("- **DiffGRM vs AR**"))
+    assert "neither beats the other" in versus
+    readme = reproduce.write_table(reproduce.load_results(tmp_path), tmp_path).read_text()
+    assert "## What the table says" in readme and versus in readme
