@@ -85,12 +85,7 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
         logp = torch.log_softmax(logits.float(), dim=-1).view(users, width, n, k)
         for _ in range(min(fill_digits, n - fills)):
             width = codes.shape[1]
-            if prune == "final":
-                allowed, dest = ~filled[..., None] & slots, None
-            elif merge_destinations and merge_states:
-                allowed, dest = catalogue.candidate_destinations(codes, filled)  # (U, W, n, k) each
-            else:
-                allowed, dest = catalogue.candidates_exist(codes, filled), None
+            allowed, dest = _candidates(catalogue, codes, filled, slots, prune, merge_destinations and merge_states)
             if fill_order is not None:
                 allowed = allowed & (torch.arange(n, device=device) == fill_order[fills])[None, None, :, None]
             total = (scores[..., None, None] + logp).masked_fill_(~allowed, NEG_INF)
@@ -98,31 +93,8 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
                 new_scores, flat = total.view(users, width, n * k).max(dim=-1)
                 pick_beam = torch.arange(width, device=device).expand(users, width)
             else:
-                # A state with fills+1 filled digits has at most fills+1 parents among the
-                # (unique) beams, so the best beam*(fills+1) candidates hold the best `beam`
-                # distinct states.
-                # Merged destinations break that bound: widen (up to 16x) until `beam` distinct
-                # states remain.
-                total_flat, take = total.view(users, -1), min(beam * (fills + 1), width * n * k)
-                if not merge_states:  # every candidate is its own beam: the global top B
-                    take = min(beam, width * n * k)
-                widest = min(16 * take, width * n * k)
-                wanted = None if dest is None else torch.isfinite(total_flat).sum(1).clamp(max=beam)
-                while True:
-                    cand_scores, idx = total_flat.topk(take, dim=-1)
-                    pick_beam, flat = idx // (n * k), idx % (n * k)
-                    if not merge_states:
-                        break
-                    key = catalogue.state_key(codes, filled, pick_beam, flat // k, flat % k)
-                    if dest is not None:  # known destination: the code names the state (keys < 0)
-                        known = dest.view(users, -1).gather(1, idx)
-                        key = torch.where(known >= 0, -(known + 1), key)
-                    cand_scores = _drop_repeats(key, cand_scores)
-                    if dest is None or take == widest or not (torch.isfinite(cand_scores).sum(1) < wanted).any():
-                        break
-                    take = min(take * 4, widest)
-                new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
-                pick_beam, flat = pick_beam.gather(1, keep), flat.gather(1, keep)
+                new_scores, pick_beam, flat = _top_states(catalogue, codes, filled, total, dest, beam, fills,
+                                                          merge_states)
             digit, code = flat // k, flat % k
             codes = torch.gather(codes, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
             filled = torch.gather(filled, 1, pick_beam[..., None].expand(-1, -1, n)).clone()
@@ -138,6 +110,50 @@ def cpd(model: DiffGRM, memory: Memory, catalogue: CatalogueIndex, beam: int,
     groups = catalogue.groups_of(codes)
     groups = torch.where(torch.isfinite(scores), groups, torch.full_like(groups, -1))
     return Beams(codes, scores, groups)
+
+
+def _candidates(catalogue: CatalogueIndex, codes: torch.Tensor, filled: torch.Tensor, slots: torch.Tensor,
+                prune: str, merge_destinations: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Which (beam, digit, code) fills may compete, (U, W, n, k), and where the index can tell
+    each one's single destination code (else None): ``final`` allows every unfilled digit's
+    code slots; ``step`` only fills some item still has."""
+    if prune == "final":
+        return ~filled[..., None] & slots, None
+    if merge_destinations:
+        return catalogue.candidate_destinations(codes, filled)
+    return catalogue.candidates_exist(codes, filled), None
+
+
+def _top_states(catalogue: CatalogueIndex, codes: torch.Tensor, filled: torch.Tensor, total: torch.Tensor,
+                dest: torch.Tensor | None, beam: int, fills: int,
+                merge_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global top-``beam`` selection of one fill: scores, parent beams and flat
+    (digit * k + code) picks, (U, B) each. Merging keeps each state (or known destination)
+    once, with its best score."""
+    users, width, n, k = total.shape
+    # A state with fills+1 filled digits has at most fills+1 parents among the (unique)
+    # beams, so the best beam*(fills+1) candidates hold the best `beam` distinct states.
+    # Merged destinations break that bound: widen (up to 16x) until `beam` distinct states remain.
+    total_flat, take = total.view(users, -1), min(beam * (fills + 1), width * n * k)
+    if not merge_states:  # every candidate is its own beam: the global top B
+        take = min(beam, width * n * k)
+    widest = min(16 * take, width * n * k)
+    wanted = None if dest is None else torch.isfinite(total_flat).sum(1).clamp(max=beam)
+    while True:
+        cand_scores, idx = total_flat.topk(take, dim=-1)
+        pick_beam, flat = idx // (n * k), idx % (n * k)
+        if not merge_states:
+            break
+        key = catalogue.state_key(codes, filled, pick_beam, flat // k, flat % k)
+        if dest is not None:  # known destination: the code names the state (keys < 0)
+            known = dest.view(users, -1).gather(1, idx)
+            key = torch.where(known >= 0, -(known + 1), key)
+        cand_scores = _drop_repeats(key, cand_scores)
+        if dest is None or take == widest or not (torch.isfinite(cand_scores).sum(1) < wanted).any():
+            break
+        take = min(take * 4, widest)
+    new_scores, keep = cand_scores.topk(min(beam, take), dim=-1)
+    return new_scores, pick_beam.gather(1, keep), flat.gather(1, keep)
 
 
 def _drop_repeats(key: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

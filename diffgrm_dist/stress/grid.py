@@ -89,7 +89,6 @@ class _Search:
 
 def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
     """Runs the grid on the Ray cluster (local when none is named); publishes OUT."""
-    import pandas as pd
     import ray
 
     from diffgrm_dist.cluster.raycluster import check_resources, ray_session
@@ -137,6 +136,13 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
                 value = search.next_value()
                 if value is not None:
                     submit(sweep, with_value(search.point, search.axis, value), search)
+    return publish(cfg, _table(rows), out, time.perf_counter() - start)
+
+
+def _table(rows: list[dict[str, Any]]):
+    """The points' rows as one table, with CPU cost per unit, sorted by sweep and main axes."""
+    import pandas as pd
+
     table = pd.DataFrame(rows)
     if "timed_users" in table:
         table["cpu_ms_per_user"] = 1000 * table["cpu_s"] / table["timed_users"]
@@ -145,9 +151,7 @@ def run_stress(cfg: StressConfig, out: Path) -> dict[str, Any]:
     order = ("method", "sids.digits", "eval.beam_size", "items", "model.d_model", "model.decoder_layers",
              "train.zero_stage", "world_size", "train.offload_optimizer", "train.zero_bucket_elements",
              "eval.fill_digits", "eval.autocast_bf16", "train.bf16")
-    table = table.sort_values(["sweep", *[c for c in order if c in table]], kind="stable").reset_index(drop=True)
-    stats = publish(cfg, table, out, time.perf_counter() - start)
-    return stats
+    return table.sort_values(["sweep", *[c for c in order if c in table]], kind="stable").reset_index(drop=True)
 
 
 def _result(ref) -> dict[str, Any]:
