@@ -23,7 +23,7 @@ from diffgrm_dist.stress.report import growth_fits
 VENV_BIN = Path(sys.executable).parent
 TINY = {
     "name": "tiny", "users": 8, "history": 8, "train_steps": 2,
-    "limits": {"timeout_s": 180, "memory_gib": 4},
+    "limits": {"timeout_s": 420, "memory_gib": 4},  # DeepSpeed points on a loaded 2-core machine
     "sweeps": [
         {"name": "beam", "kind": "decode", "decode": {"items": 2000, "model": {"d_model": 32, "decoder_layers": 1},
                                                        "eval": {"batch_size": 4}},
@@ -61,7 +61,7 @@ def test_stress_grid_measures_records_limits_and_fits_growth(tmp_path, run_cli):
     assert starved["status"] == "oom" and "memory_gib=0.05" in starved["limit"]
     assert slow["status"] == "timeout" and "timeout_s=0.5" in slow["limit"]
     zero = by_sweep["zero"]
-    assert (zero["status"] == "ok").all() and (zero["samples_per_s"] > 0).all()
+    assert (zero["status"] == "ok").all() and (zero["samples_per_s"] > 0).all(), zero[["status", "limit"]].to_string()
     assert zero["parameters"].nunique() == 1  # ZeRO-3 partitions the weights; the count is the model's
     # The search grew the decoder until it no longer fit, then closed in (64 MiB of weights
     # and optimizer state a layer: sampled RSS noise cannot reorder sizes 2 layers apart).
