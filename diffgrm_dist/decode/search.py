@@ -228,6 +228,7 @@ class SearchOptions:
     fill_digits: int = 1  # digits CPD fills per decoder pass
     cpd_prune: str = "step"  # step: only partial codes some item has | final: the paper's (at the end)
     merge_states: bool = True  # merge beams that reach one state in another order (False: the paper)
+    kv_cache: bool = True  # autoregressive: keep decoded digits' keys/values (False: recompute the prefix)
 
     def to(self, device: torch.device) -> SearchOptions:
         """The same options with ``fill_order`` on ``device``."""
@@ -240,7 +241,7 @@ def decode_beams(model: DiffGRM, history: torch.Tensor, history_mask: torch.Tens
     """Beam search over codes for one batch of histories (CPD or AR)."""
     memory = model.encode(history, history_mask)
     if options.decoder == "autoregressive":
-        return ar_beam_search(model, memory, catalogue, options.beam)
+        return ar_beam_search(model, memory, catalogue, options.beam, kv_cache=options.kv_cache)
     if options.decoder == "diffusion":
         return cpd(model, memory, catalogue, options.beam, options.final_step, options.fill_order,
                    options.fill_digits, prune=options.cpd_prune, merge_states=options.merge_states)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from diffgrm_dist.core.timing import no_sync, time_calls
-from diffgrm_dist.stress.config import DecodePoint, TrainPoint, method
+from diffgrm_dist.stress.config import DecodePoint, TrainPoint
 
 # --------------------------------------------------------------------------- a point, in its child
 
@@ -42,7 +42,7 @@ def measure_decode(point: DecodePoint, users: int, history: int, seed: int, thre
     import torch
 
     from diffgrm_dist.decode.catalogue import build_catalogue
-    from diffgrm_dist.decode.search import ar_beam_search, cpd, distinct_sids
+    from diffgrm_dist.decode.search import SearchOptions, decode_beams, distinct_sids
 
     if threads:
         torch.set_num_threads(threads)
@@ -50,7 +50,9 @@ def measure_decode(point: DecodePoint, users: int, history: int, seed: int, thre
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     digits, codebook, ev = point.sids.digits, point.sids.codebook_size, point.eval
-    per_batch, decoder = ev.batch_size, method(point)
+    per_batch, decoder = ev.batch_size, point.model.decoder
+    options = SearchOptions(ev.beam_size, decoder, ev.final_step, None, ev.fill_digits, ev.cpd_prune,
+                            ev.merge_states, point.kv_cache)
     codes = rng.integers(0, codebook, (point.items, digits), dtype=np.int64)
     start = time.perf_counter()
     catalogue = build_catalogue(codes, (codebook,) * digits)
@@ -62,12 +64,7 @@ def measure_decode(point: DecodePoint, users: int, history: int, seed: int, thre
 
     def batch(lo: int, hi: int) -> float:
         with torch.no_grad(), autocast:
-            memory = model.encode(histories[lo:hi].to(device), mask[lo:hi].to(device))
-            if decoder == "diffusion":
-                beams = cpd(model, memory, catalogue, ev.beam_size, final_step=ev.final_step,
-                            fill_digits=ev.fill_digits, prune=ev.cpd_prune, merge_states=ev.merge_states)
-            else:
-                beams = ar_beam_search(model, memory, catalogue, ev.beam_size, kv_cache=point.kv_cache)
+            beams = decode_beams(model, histories[lo:hi].to(device), mask[lo:hi].to(device), catalogue, options)
         groups, _ = distinct_sids(beams, ev.beam_size)
         return float((groups >= 0).sum(1).mean())
 
