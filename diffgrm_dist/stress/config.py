@@ -180,8 +180,9 @@ def expand(sweep: SweepConfig) -> list[DecodePoint | TrainPoint]:
         point = base_point(sweep)
         for axis, value in zip(axes, values):
             point = with_value(point, axis, value)
-        if resolved(point) not in seen:
-            seen.append(resolved(point))
+        runs_as = resolved(point)
+        if runs_as not in seen:
+            seen.append(runs_as)
             points.append(point)
     return points
 
