@@ -354,6 +354,18 @@ def seeds_difference(first: list[dict], second: list[dict]) -> tuple[float, floa
     return diff, diff - half, diff + half, len(a), len(b)
 
 
+def item_n10_sd(results: dict[str, dict], groups: dict[str, list[dict]],
+                spread_from: tuple[float, str] | None) -> tuple[float, str]:
+    """The run-to-run sd of item N@10 single-run differences are read against, and where it
+    comes from: the larger of the dataset's seed spreads, else another dataset's relative
+    spread scaled to this main row."""
+    sd, spreads = run_to_run_sd(groups, lambda r: _item(r)[3])
+    main = results.get("diffgrm")
+    if not groups and spread_from and main:
+        return spread_from[0] * _item(main)[3], f"{spread_from[1]}'s relative spread"
+    return sd, f"larger of {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}"
+
+
 def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, list[dict]] | None = None,
                   spread_from: tuple[float, str] | None = None) -> list[str]:
     """Markdown lines of one dataset's table: every variant that has a result (marked with
@@ -364,12 +376,9 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
     pop = next(iter(results.values()))["metrics"]["popularity"]
     pop_n10 = pop["ndcg@10"]
     groups = seed_groups(results, history or {})
-    sd, spreads = run_to_run_sd(groups, lambda r: _item(r)[3])
     main = results.get("diffgrm")
     other_machines: set[str] = set()
-    sd_note = f"larger of {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}"
-    if not groups and spread_from and main:
-        sd, sd_note = spread_from[0] * _item(main)[3], f"{spread_from[1]}'s relative spread"
+    sd, sd_note = item_n10_sd(results, groups, spread_from)
     lines = [f"### {dataset.capitalize()}", "",
              "| row | item R@5 | item N@5 | item R@10 | item N@10 | x pop. | vs DiffGRM: item N@10 diff (95%) | "
              "SID R@10 | SID N@10 | paper N@10 (SID) | train min | colliding items |",
@@ -394,12 +403,12 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
             other_machines.add(machine_of(r))
         diff = "-"
         if main is not None and variant.name != "diffgrm":
-            paired = paired_difference(r, main)
-            if paired is not None:
+            d, lo, hi, how = _interval(r, main, sd)
+            if how == "paired":
                 paired_used = True
-                diff = f"{paired[0]:+.4f} [{paired[1]:+.4f}, {paired[2]:+.4f}] paired"
+                diff = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] paired"
             elif sd == sd:
-                diff = f"{item[3] - _item(main)[3]:+.4f} ± {Z95 * math.sqrt(2) * sd:.4f}"
+                diff = f"{d:+.4f} ± {Z95 * math.sqrt(2) * sd:.4f}"
         lines.append(f"| {label} | {_fmt(item)} | {item[3] / pop_n10:.2f}x | {diff} | {sid_r:.4f} | {sid_n:.4f} | "
                      f"{f'{paper:.4f}' if paper else '-'} | {r['train']['wall_s'] / 60:.0f} | "
                      f"{r['tokenize']['colliding_items']} |")
@@ -461,10 +470,7 @@ def findings(dataset: str, results: dict[str, dict], history: dict[str, list[dic
     main = results.get("diffgrm")
     if main is None:
         return []
-    groups = seed_groups(results, history or {})
-    sd, _ = run_to_run_sd(groups, lambda r: _item(r)[3])
-    if not groups and spread_from:
-        sd = spread_from[0] * _item(main)[3]
+    sd, _ = item_n10_sd(results, seed_groups(results, history or {}), spread_from)
     names = {v.name: v for v in VARIANTS}
     out: list[str] = []
     diffgrm_seeds = [results[n] for n in SEEDS if n in results and sid_fingerprint(results[n]) == sid_fingerprint(main)]
