@@ -254,9 +254,10 @@ def test_tuned_rows_show_the_best_on_validation_and_pairs_get_a_paired_interval(
     worse = main_ranks.copy()
     worse[np.nonzero(worse)[0][::3]] = 0
     rows = {"diffgrm": (0.030, main_ranks), "diffgrm_seed1": (0.031, None), "diffgrm_seed2": (0.029, None),
-            "ar": (0.024, worse), "ar_seed1": (0.025, None), "ar_seed2": (0.023, None)}
+            "ar": (0.024, worse), "ar_seed1": (0.025, None), "ar_seed2": (0.023, None), "random_fill": (0.027, None)}
     for variant, (n10, ranks) in rows.items():
-        result = _result("beauty", variant, n10)
+        result = _result("beauty", variant, n10, distinct=80 if variant == "random_fill" else 100)
+        result["machine"] = "cpu: old" if variant in ("random_fill", "diffgrm_seed2") else "cpu: test"
         if ranks is not None:
             result["target_ranks"] = sparse_ranks(ranks)
         _write(tmp_path, result)
@@ -264,9 +265,13 @@ def test_tuned_rows_show_the_best_on_validation_and_pairs_get_a_paired_interval(
         result = _result("beauty", name, 0.04)
         result["train"]["best_score"] = score
         _write(tmp_path, result)
+    # random_fill was made beside seed 1's model on other SIDs, since re-run (now in history)
+    reproduce.write_json(reproduce.history_path("beauty", "diffgrm_seed1", "1234567", tmp_path),
+                         {**_result("beauty", "diffgrm_seed1", 0.033, distinct=80, commit="1234567abc"),
+                          "machine": "cpu: old"})
     results = reproduce.load_results(tmp_path)["beauty"]
     assert reproduce.tuned_best(results) == {"dense": "dense_do3_wd1"}
-    lines = reproduce.dataset_table("beauty", results)
+    lines = reproduce.dataset_table("beauty", results, reproduce.load_history(tmp_path)["beauty"])
     dense = [line for line in lines if line.startswith("| dense baseline")]
     assert len(dense) == 1 and "dropout 0.3, weight decay 0.01" in dense[0] and "best of 3 settings" in dense[0]
     ar = next(line for line in lines if line.startswith("| AR baseline: same SIDs"))
@@ -274,6 +279,11 @@ def test_tuned_rows_show_the_best_on_validation_and_pairs_get_a_paired_interval(
     assert lo < diff < hi < 0 and f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}] paired" in ar
     seed1 = next(line for line in lines if line.startswith("| DiffGRM, training seed 1"))
     assert "±" in seed1  # no per-user ranks: the seed-spread interval
+    random_fill = next(line for line in lines if line.startswith("| ablation: CPD -> a fixed random fill order"))
+    # against its pair's run on its SIDs: 0.027 - 0.033, not the current seed 1 (0.031) or main (0.030)
+    assert "(vs diffgrm_seed1 at 1234567: the same SIDs)" in random_fill and "| -0.0060 ±" in random_fill
+    assert "†" not in random_fill  # made on the machine of the run it is compared with
+    assert "† |" in next(line for line in lines if line.startswith("| DiffGRM, training seed 2"))  # main's is another
     versus = next(line for line in lines if line.startswith("| DiffGRM (3 seeds) - AR (3 seeds)"))
     d, lo, hi, _, _ = reproduce.seeds_difference([results[n] for n in reproduce.SEEDS],
                                                  [results[n] for n in reproduce.AR_SEEDS])

@@ -228,6 +228,15 @@ def sid_fingerprint(result: dict) -> tuple[int, ...]:
     return tuple(result["tokenize"].get(k, -1) for k in ("distinct_codes", "colliding_items", "max_items_per_code"))
 
 
+def counterpart(base: str, result: dict, results: dict[str, dict], history: dict[str, list[dict]]) -> dict | None:
+    """The run of ``base`` that ``result`` is compared with: the current row where both
+    trained on the same SIDs, else the superseded ``base`` run (``--check --replace``
+    history) on ``result``'s SIDs, the run it was made beside; else the current row."""
+    current = results.get(base)
+    same = [r for r in (current, *history.get(base, [])) if r is not None and sid_fingerprint(r) == sid_fingerprint(result)]
+    return same[0] if same else current
+
+
 def seed_groups(results: dict[str, dict], history: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The runs each spread is measured on. Training seeds must share one set of SIDs (the
     fingerprint of ``diffgrm_seed1``; a superseded ``diffgrm`` row from history where the
@@ -369,8 +378,9 @@ def item_n10_sd(results: dict[str, dict], groups: dict[str, list[dict]],
 def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, list[dict]] | None = None,
                   spread_from: tuple[float, str] | None = None) -> list[str]:
     """Markdown lines of one dataset's table: every variant that has a result (marked with
-    its commit when quality-bearing code changed since), its difference from DiffGRM with
-    a 95% interval from the run-to-run spread, popularity, the seed spreads, and the
+    its commit when quality-bearing code changed since), its difference from DiffGRM (or
+    from the row it pairs with) with a 95% interval, paired over users where both rows
+    wrote their ranks, else from the run-to-run spread; popularity, the seed spreads, and the
     paper's rows (SID level, paper scale). ``spread_from``: a relative sd (sd / mean) and
     where it was measured, for a dataset without seed runs of its own."""
     pop = next(iter(results.values()))["metrics"]["popularity"]
@@ -380,7 +390,8 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
     other_machines: set[str] = set()
     sd, sd_note = item_n10_sd(results, groups, spread_from)
     lines = [f"### {dataset.capitalize()}", "",
-             "| row | item R@5 | item N@5 | item R@10 | item N@10 | x pop. | vs DiffGRM: item N@10 diff (95%) | "
+             "| row | item R@5 | item N@5 | item R@10 | item N@10 | x pop. | "
+             "vs DiffGRM (or the row named): item N@10 diff (95%) | "
              "SID R@10 | SID N@10 | paper N@10 (SID) | train min | colliding items |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best_tuned = tuned_best(results)
@@ -394,16 +405,23 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
         paper = PAPER_ABLATIONS.get(variant.paper, {}).get(dataset) if variant.paper else None
         if variant.name == "ar":
             paper = PAPER_TIGER[dataset][3]  # TIGER's own paper: RQ-VAE codes, not these SIDs
-        label = variant.what + (f" (vs {variant.paired_with})" if variant.paired_with else "") + stale_mark(r)
+        base = variant.paired_with or "diffgrm"
+        against = counterpart(base, r, results, history or {})
+        label = variant.what
+        if against is not None and against is not results.get(base):
+            label += f" (vs {base} at {against['commit'][:7]}: the same SIDs)"
+        elif variant.paired_with:
+            label += f" (vs {base})"
+        label += stale_mark(r)
         if variant.tune_group:
             tried = sum(v.tune_group == variant.tune_group and v.name in results for v in VARIANTS)
             label += f" (best of {tried} settings on validation)"
-        if main is not None and machine_of(r) != machine_of(main):
+        if against is not None and machine_of(r) != machine_of(against):
             label += " †"
-            other_machines.add(machine_of(r))
+            other_machines.update((machine_of(r), machine_of(against)))
         diff = "-"
         if main is not None and variant.name != "diffgrm":
-            d, lo, hi, how = _interval(r, main, sd)
+            d, lo, hi, how = _interval(r, against, sd)
             if how == "paired":
                 paired_used = True
                 diff = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] paired"
@@ -434,8 +452,8 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
         lines += ["", "*paired*: the difference in item N@10 over the same test users and its 95% paired "
                       "bootstrap interval (2,000 resamples of users), from the rankings both runs wrote."]
     if other_machines:
-        lines += ["", f"† made on another machine than the DiffGRM row ({machine_of(main)}): "
-                      f"{'; '.join(sorted(other_machines))}. Embeddings, SIDs and bf16 training differ in their "
+        lines += ["", f"† made on another machine than the row it is compared with (machines: "
+                      f"{'; '.join(sorted(other_machines))}). Embeddings, SIDs and bf16 training differ in their "
                       "low bits from one CPU to another, so such a difference includes the machine's."]
     if main is not None and sd == sd:
         lines += ["", f"Differences from DiffGRM are read against a run-to-run sd of {sd:.4f} item N@10 ({sd_note}); "
@@ -491,7 +509,7 @@ def findings(dataset: str, results: dict[str, dict], history: dict[str, list[dic
                    + f". SID N@10 {sid_d:.4f} vs {sid_a:.4f} (the paper, at its scale: "
                      f"{PAPER[dataset][3]:.4f} vs TIGER's {PAPER_TIGER[dataset][3]:.4f}).")
     elif "ar" in results:
-        d, lo, hi, how = _interval(main, results["ar"], sd)
+        d, lo, hi, how = _interval(counterpart("diffgrm", results["ar"], results, history or {}), results["ar"], sd)
         out.append(f"- **DiffGRM vs AR** (one run each{stale_mark(results['ar'])}): "
                    f"{_verdict(lo, hi, 'DiffGRM beats AR', 'AR beats DiffGRM', 'neither beats the other')}: "
                    f"item N@10 difference {d:+.4f} [{lo:+.4f}, {hi:+.4f}] ({how}).")
@@ -499,7 +517,7 @@ def findings(dataset: str, results: dict[str, dict], history: dict[str, list[dic
         r = results.get(variant.name)
         if r is None:
             continue
-        against = results.get(variant.paired_with or "diffgrm", main)
+        against = counterpart(variant.paired_with or "diffgrm", r, results, history or {}) or main
         d, lo, hi, how = _interval(r, against, sd)
         where = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] item N@10 ({how}{stale_mark(r)})"
         if variant.paper and variant.paper != "full" and dataset in PAPER_ABLATIONS[variant.paper]:
