@@ -307,7 +307,8 @@ def test_what_the_table_says_reads_each_claim_off_its_interval(tmp_path):
 
     rows = {"diffgrm": (0.0300, base), "diffgrm_seed1": (0.0310, None), "diffgrm_seed2": (0.0305, None),
             "ar": (0.0200, weaker(base, 2)), "ar_seed1": (0.0210, None), "ar_seed2": (0.0205, None),
-            "random_masking": (0.0250, weaker(base, 4)), "cpd_paper": (0.0300, base.copy())}
+            "random_masking": (0.0250, weaker(base, 4)), "cpd_paper": (0.0300, base.copy()),
+            "extra_digit": (0.0250, weaker(base, 5))}
     for variant, (n10, ranks) in rows.items():
         result = _result("beauty", variant, n10)
         if ranks is not None:
@@ -329,6 +330,9 @@ def test_what_the_table_says_reads_each_claim_off_its_interval(tmp_path):
     assert hi < 0 and f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]" in masking and "the paper's way, resolved" in masking
     assert "-0.0117 SID N@10" in masking  # the paper: 0.0385 - 0.0502
     assert "no difference resolved" in said[reproduce.DEPARTURES["cpd_paper"]]
+    diff, lo, hi = reproduce.paired_difference(results["extra_digit"], results["diffgrm"])
+    assert hi < 0 and f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]" in said[reproduce.OPTIONS["extra_digit"]]
+    assert "lower with it" in said[reproduce.OPTIONS["extra_digit"]]
     dense = said["Dense baseline"]
     assert "best of 2 settings" in dense and "dropout 0.5, weight decay 0.01" in dense and "0.0318" in dense
 

@@ -112,6 +112,10 @@ VARIANTS = (
 # Rows where this code departs from the paper, and what the row measures of that departure.
 DEPARTURES = {"cpd_paper": "Our CPD (prune every step, merge equal states) vs the paper's",
               "no_digit_pos": "Our digit-position embedding vs the released decoder's none"}
+# Options of ours the paper does not have (item-level rules, other SIDs): what "What the
+# table says" reads off each against the main row.
+OPTIONS = {"extra_digit": "Unique SIDs (the collision rank as a 5th digit) vs expanding a code to all its items",
+           "diffgrm_cf": "Collaborative SIDs (text + co-occurrence vectors) vs text-only PSE"}
 SEEDS = ("diffgrm", "diffgrm_seed1", "diffgrm_seed2")  # training seeds, one set of SIDs
 AR_SEEDS = ("ar", "ar_seed1", "ar_seed2")  # the AR baseline's training seeds, on the same SIDs
 TOKENIZE_SEEDS = ("diffgrm", "diffgrm_tok1", "diffgrm_tok2")  # tokenization seeds, training seed 0
@@ -519,7 +523,8 @@ def findings(dataset: str, results: dict[str, dict], history: dict[str, list[dic
             continue
         against = counterpart(variant.paired_with or "diffgrm", r, results, history or {}) or main
         d, lo, hi, how = _interval(r, against, sd)
-        where = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] item N@10 ({how}{stale_mark(r)})"
+        machines = ", made on another machine" if machine_of(r) != machine_of(against) else ""
+        where = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] item N@10 ({how}{stale_mark(r)}{machines})"
         if variant.paper and variant.paper != "full" and dataset in PAPER_ABLATIONS[variant.paper]:
             paper_d = PAPER_ABLATIONS[variant.paper][dataset] - PAPER_ABLATIONS["full"][dataset]
             way = _verdict(lo, hi, "the other way (better than the full method)",
@@ -528,6 +533,9 @@ def findings(dataset: str, results: dict[str, dict], history: dict[str, list[dic
         elif variant.name in DEPARTURES:
             verdict = _verdict(lo, hi, "the paper's form scores higher", "ours scores higher", "no difference resolved")
             out.append(f"- **{DEPARTURES[variant.name]}**: {variant.what}: {where}; {verdict}.")
+        elif variant.name in OPTIONS:
+            verdict = _verdict(lo, hi, "higher with it", "lower with it", "no difference resolved")
+            out.append(f"- **{OPTIONS[variant.name]}**: {where}; {verdict}.")
     best = tuned_best(results).get("dense")
     if best is not None:
         r = results[best]
