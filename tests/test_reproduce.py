@@ -172,6 +172,13 @@ def test_differences_are_read_against_the_larger_of_the_two_spreads(tmp_path):
     assert "machines differ: committed on cpu: test; HEAD on cpu: other" in "\n".join(
         reproduce.format_check("beauty/diffgrm", other))
 
+    # A dataset without seed runs borrows the largest relative spread (Beauty's tokenization
+    # seeds: 0.006 / 0.030 = 0.2), scaled to its committed row, as its table does.
+    found, history = reproduce.load_results(tmp_path), reproduce.load_history(tmp_path)
+    toys = reproduce.compare(_result("toys", "diffgrm", 0.025), _result("toys", "diffgrm", 0.020), {}, found, history)
+    assert toys["metrics"]["item N@10"]["sd"] == pytest.approx(0.2 * 0.025)
+    assert "0 inside" in "\n".join(reproduce.format_check("toys/diffgrm", toys))  # -0.005 within ± 0.0139
+
 
 def test_a_check_counts_the_committed_row_among_the_training_seeds_it_shares_sids_with():
     """--check on the main row: HEAD's run (other SIDs) replaces it, but the committed run

@@ -549,12 +549,14 @@ def findings(dataset: str, results: dict[str, dict], history: dict[str, list[dic
     return out
 
 
-def relative_spread(found: dict[str, dict[str, dict]], history: dict[str, dict[str, list[dict]]]) -> tuple[float, str] | None:
-    """The largest relative run-to-run sd of item N@10 (sd / mean) any dataset measured."""
+def relative_spread(found: dict[str, dict[str, dict]], history: dict[str, dict[str, list[dict]]],
+                    value=lambda r: _item(r)[3]) -> tuple[float, str] | None:
+    """The largest relative run-to-run sd of ``value`` (default item N@10; sd / mean) any
+    dataset measured."""
     best = None
     for dataset, results in found.items():
         for runs in seed_groups(results, history.get(dataset, {})).values():
-            n10 = [_item(r)[3] for r in runs]
+            n10 = [value(r) for r in runs]
             rel = statistics.stdev(n10) / statistics.mean(n10)
             if best is None or rel > best[0]:
                 best = (rel, dataset.capitalize())
@@ -649,9 +651,13 @@ def plot(found: dict[str, dict[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def compare(committed: dict | None, fresh: dict, groups: dict[str, list[dict]]) -> dict:
+def compare(committed: dict | None, fresh: dict, groups: dict[str, list[dict]],
+            found: dict[str, dict[str, dict]] | None = None,
+            history: dict[str, dict[str, list[dict]]] | None = None) -> dict:
     """HEAD's run next to the committed row: each metric's difference and its 95% interval
-    (± 1.96 x sqrt(2) x the larger run-to-run sd of that metric over the seed groups)."""
+    (± 1.96 x sqrt(2) x the larger run-to-run sd of that metric over the seed groups; a
+    dataset without seed runs borrows the largest relative sd ``found`` measured, scaled to
+    the committed value, as its table does)."""
     metrics = {"item N@10": lambda r: _item(r)[3], "item R@10": lambda r: _item(r)[2],
                "SID N@10": lambda r: _sid(r)[1]}
     out: dict = {"committed_commit": committed.get("commit") if committed else None,
@@ -660,6 +666,9 @@ def compare(committed: dict | None, fresh: dict, groups: dict[str, list[dict]]) 
     out["sids"] = {"committed": sid_fingerprint(committed) if committed else None, "head": sid_fingerprint(fresh)}
     for name, value in metrics.items():
         sd, spreads = run_to_run_sd(groups, value)
+        if not groups and found and (borrowed := relative_spread(found, history or {}, value)):
+            sd = borrowed[0] * value(committed or fresh)
+            spreads = {f"{borrowed[1]}'s relative spread": sd}
         row = {"head": value(fresh), "sd": sd, "spreads": spreads}
         if committed is not None:
             diff = value(fresh) - value(committed)
@@ -722,7 +731,7 @@ def check_rows(rows: list[str], work: Path, replace: bool) -> None:
         found, history = load_results(), load_history()
         committed = found.get(dataset, {}).get(name)
         check = compare(committed, fresh, check_groups(found.get(dataset, {}), history.get(dataset, {}),
-                                                       name, committed, fresh))
+                                                       name, committed, fresh), found, history)
         print("\n".join(format_check(row, check)), flush=True)
         write_json(RESULTS / "checks" / dataset / f"{name}.json", {"row": row, **check, "head_result": fresh})
         if replace:
