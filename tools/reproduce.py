@@ -235,10 +235,11 @@ def sid_fingerprint(result: dict) -> tuple[int, ...]:
 def counterpart(base: str, result: dict, results: dict[str, dict], history: dict[str, list[dict]]) -> dict | None:
     """The run of ``base`` that ``result`` is compared with: the current row where both
     trained on the same SIDs, else the superseded ``base`` run (``--check --replace``
-    history) on ``result``'s SIDs, the run it was made beside; else the current row."""
+    history) on ``result``'s SIDs, the run it was made beside; else the current row, and
+    without a ``base`` row, the main one."""
     current = results.get(base)
     same = [r for r in (current, *history.get(base, [])) if r is not None and sid_fingerprint(r) == sid_fingerprint(result)]
-    return same[0] if same else current
+    return same[0] if same else current or results.get("diffgrm")
 
 
 def seed_groups(results: dict[str, dict], history: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -256,9 +257,15 @@ def seed_groups(results: dict[str, dict], history: dict[str, list[dict]]) -> dic
     return {k: v for k, v in groups.items() if len(v) > 1}
 
 
-def run_to_run_sd(groups: dict[str, list[dict]], value) -> tuple[float, dict[str, float]]:
+def run_to_run_sd(groups: dict[str, list[dict]], value, reference: dict | None = None,
+                  borrowed: tuple[float, str] | None = None) -> tuple[float, dict[str, float]]:
     """The larger of the spreads (sample sd of ``value(result)``) over the seed groups, and
-    each spread: what a difference between two single runs is read against."""
+    each spread: what a difference between two single runs is read against. A dataset
+    without seed groups borrows another's relative sd (``borrowed``: sd / mean and where it
+    was measured), scaled to ``value(reference)``."""
+    if not groups and borrowed and reference:
+        sd = borrowed[0] * value(reference)
+        return sd, {f"{borrowed[1]}'s relative spread": sd}
     spreads = {name: statistics.stdev([value(r) for r in runs]) for name, runs in groups.items()}
     return max(spreads.values(), default=float("nan")), spreads
 
@@ -372,10 +379,9 @@ def item_n10_sd(results: dict[str, dict], groups: dict[str, list[dict]],
     """The run-to-run sd of item N@10 single-run differences are read against, and where it
     comes from: the larger of the dataset's seed spreads, else another dataset's relative
     spread scaled to this main row."""
-    sd, spreads = run_to_run_sd(groups, lambda r: _item(r)[3])
-    main = results.get("diffgrm")
-    if not groups and spread_from and main:
-        return spread_from[0] * _item(main)[3], f"{spread_from[1]}'s relative spread"
+    sd, spreads = run_to_run_sd(groups, lambda r: _item(r)[3], results.get("diffgrm"), spread_from)
+    if not groups and spreads:  # borrowed: one entry naming where it was measured
+        return sd, next(iter(spreads))
     return sd, f"larger of {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}"
 
 
@@ -412,10 +418,10 @@ def dataset_table(dataset: str, results: dict[str, dict], history: dict[str, lis
         base = variant.paired_with or "diffgrm"
         against = counterpart(base, r, results, history or {})
         label = variant.what
-        if against is not None and against is not results.get(base):
-            label += f" (vs {base} at {against['commit'][:7]}: the same SIDs)"
-        elif variant.paired_with:
-            label += f" (vs {base})"
+        if against is not None and against is not results.get(against["variant"]):  # a superseded run
+            label += f" (vs {against['variant']} at {against['commit'][:7]}: the same SIDs)"
+        elif against is not None and variant.paired_with:
+            label += f" (vs {against['variant']})"
         label += stale_mark(r)
         if variant.tune_group:
             tried = sum(v.tune_group == variant.tune_group and v.name in results for v in VARIANTS)
@@ -521,7 +527,7 @@ def findings(dataset: str, results: dict[str, dict], history: dict[str, list[dic
         r = results.get(variant.name)
         if r is None:
             continue
-        against = counterpart(variant.paired_with or "diffgrm", r, results, history or {}) or main
+        against = counterpart(variant.paired_with or "diffgrm", r, results, history or {})
         d, lo, hi, how = _interval(r, against, sd)
         machines = ", made on another machine" if machine_of(r) != machine_of(against) else ""
         where = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] item N@10 ({how}{stale_mark(r)}{machines})"
@@ -665,10 +671,8 @@ def compare(committed: dict | None, fresh: dict, groups: dict[str, list[dict]],
                  "head_machine": machine_of(fresh), "sids": {}, "metrics": {}}
     out["sids"] = {"committed": sid_fingerprint(committed) if committed else None, "head": sid_fingerprint(fresh)}
     for name, value in metrics.items():
-        sd, spreads = run_to_run_sd(groups, value)
-        if not groups and found and (borrowed := relative_spread(found, history or {}, value)):
-            sd = borrowed[0] * value(committed or fresh)
-            spreads = {f"{borrowed[1]}'s relative spread": sd}
+        borrowed = relative_spread(found, history or {}, value) if found and not groups else None
+        sd, spreads = run_to_run_sd(groups, value, committed or fresh, borrowed)
         row = {"head": value(fresh), "sd": sd, "spreads": spreads}
         if committed is not None:
             diff = value(fresh) - value(committed)
